@@ -1,0 +1,116 @@
+/* fastlstm C core: shared helpers, then the float and double kernels from fastlstm_impl.h. */
+#include "fastlstm.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static fl_sgemm_fn blas_gemm_f32 = NULL;
+static fl_dgemm_fn blas_gemm_f64 = NULL;
+
+void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm)
+{
+    blas_gemm_f32 = sgemm;
+    blas_gemm_f64 = dgemm;
+}
+
+const char *fl_status_message(int status)
+{
+    switch (status) {
+    case FL_OK:
+        return "success";
+    case FL_EINVAL_SIZE:
+        return "invalid size: every dimension must be at least 1 and their products must fit in 64 bits";
+    case FL_EINVAL_LABEL:
+        return "invalid label: every label must be in [0, classes)";
+    case FL_EINVAL_OPTIMIZER:
+        return "invalid optimizer: unknown kind, or an Adam step count below 1";
+    case FL_ENOMEM:
+        return "out of memory";
+    default:
+        return "unknown fastlstm status";
+    }
+}
+
+int fl_optimizer_slots(int kind)
+{
+    switch (kind) {
+    case FL_SGD:
+        return 0;
+    case FL_ADAGRAD:
+        return 1;
+    case FL_ADAM:
+        return 2;
+    default:
+        return -1;
+    }
+}
+
+/* True when every dimension is at least 1 and the largest buffer, the gate tape of
+ * L * (T + 1) * B * G elements, can be indexed with int64_t. */
+static int fl_dims_valid(const fl_dims *dims)
+{
+    if (dims->layers < 1 || dims->steps < 1 || dims->batch < 1 || dims->input < 1
+        || dims->hidden < 1) {
+        return 0;
+    }
+    const int64_t limit = INT64_MAX / 16;
+    int64_t product = dims->layers;
+    const int64_t factors[3] = {dims->steps + 1, dims->batch, 4 * dims->hidden};
+    if (dims->hidden > limit / 4 || dims->input > limit / (4 * dims->hidden)) {
+        return 0;
+    }
+    for (int k = 0; k < 3; k++) {
+        if (product > limit / factors[k]) {
+            return 0;
+        }
+        product *= factors[k];
+    }
+    return 1;
+}
+
+/* Offset of layer l's kernel in the flat parameter vector. */
+static int64_t fl_layer_offset(const fl_dims *dims, int64_t layer)
+{
+    const int64_t g = 4 * dims->hidden;
+    if (layer == 0) {
+        return 0;
+    }
+    const int64_t first = (dims->input + dims->hidden) * g + g;
+    const int64_t later = (2 * dims->hidden) * g + g;
+    return first + (layer - 1) * later;
+}
+
+int64_t fl_num_params(const fl_dims *dims)
+{
+    return fl_layer_offset(dims, dims->layers);
+}
+
+#define REAL float
+#define FL_SUFFIX f32
+#define TANH tanhf
+#define EXP expf
+#define LOG logf
+#define SQRT sqrtf
+#include "fastlstm_impl.h"
+#undef REAL
+#undef FL_SUFFIX
+#undef TANH
+#undef EXP
+#undef LOG
+#undef SQRT
+
+#define REAL double
+#define FL_SUFFIX f64
+#define TANH tanh
+#define EXP exp
+#define LOG log
+#define SQRT sqrt
+#include "fastlstm_impl.h"
+#undef REAL
+#undef FL_SUFFIX
+#undef TANH
+#undef EXP
+#undef LOG
+#undef SQRT

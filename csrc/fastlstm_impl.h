@@ -1,0 +1,509 @@
+/*
+ * Type-generic body of the fastlstm kernels. fastlstm.c includes it twice: once with REAL = float
+ * and FL_SUFFIX = f32, once with REAL = double and FL_SUFFIX = f64. TANH, EXP, LOG and SQRT name
+ * the libm functions of that type, and blas_gemm_<suffix> the Fortran gemm installed by fl_set_blas.
+ *
+ * Shapes use the letters of fastlstm.h. Gate column blocks are i, j, f, o at offsets 0, H, 2H, 3H.
+ */
+
+#define FL_CAT_(a, b) a##_##b
+#define FL_CAT(a, b) FL_CAT_(a, b)
+#define FN(name) FL_CAT(name, FL_SUFFIX)
+
+/* ------------------------------------------------------------------------------------------------
+ * Matrix products.
+ */
+
+/* Row-major C[M, N] = op(A)[M, K] @ op(B)[K, N] + beta * C, with beta 0 or 1. op transposes when
+ * its flag is set: then A is stored [K, M] and B is stored [N, K]. weight_elems is the size of the
+ * weight operand and alone decides between BLAS and direct loops (see FL_BLAS_MIN_WEIGHTS). */
+static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const REAL *a,
+                     int64_t lda, const REAL *b, int64_t ldb, int beta_one, REAL *c, int64_t ldc,
+                     int64_t weight_elems)
+{
+    int fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && lda < INT_MAX && ldb < INT_MAX
+                   && ldc < INT_MAX;
+    if (FN(blas_gemm) != NULL && weight_elems >= FL_BLAS_MIN_WEIGHTS && fits_int) {
+        /* Fortran BLAS is column-major: C^T = op(B)^T @ op(A)^T, so the operands swap places. */
+        char fortran_trans_a = trans_b ? 'T' : 'N';
+        char fortran_trans_b = trans_a ? 'T' : 'N';
+        int fm = (int)n, fn = (int)m, fk = (int)k;
+        int flda = (int)ldb, fldb = (int)lda, fldc = (int)ldc;
+        REAL alpha = 1, beta = beta_one ? 1 : 0;
+        FN(blas_gemm)(&fortran_trans_a, &fortran_trans_b, &fm, &fn, &fk, &alpha, (REAL *)b, &flda,
+                      (REAL *)a, &fldb, &beta, c, &fldc);
+        return;
+    }
+
+    if (!beta_one) {
+        for (int64_t row = 0; row < m; row++) {
+            memset(c + row * ldc, 0, (size_t)n * sizeof(REAL));
+        }
+    }
+    if (!trans_a && !trans_b) {
+        /* C += A @ B, one row of B at a time so that the inner loop is contiguous. */
+        for (int64_t row = 0; row < m; row++) {
+            REAL *c_row = c + row * ldc;
+            for (int64_t p = 0; p < k; p++) {
+                const REAL a_value = a[row * lda + p];
+                const REAL *b_row = b + p * ldb;
+                for (int64_t col = 0; col < n; col++) {
+                    c_row[col] += a_value * b_row[col];
+                }
+            }
+        }
+    } else if (trans_a && !trans_b) {
+        /* C += A^T @ B with A stored [K, M]: the weight gradients, summed over the K = T * B rows. */
+        for (int64_t p = 0; p < k; p++) {
+            const REAL *b_row = b + p * ldb;
+            for (int64_t row = 0; row < m; row++) {
+                const REAL a_value = a[p * lda + row];
+                REAL *c_row = c + row * ldc;
+                for (int64_t col = 0; col < n; col++) {
+                    c_row[col] += a_value * b_row[col];
+                }
+            }
+        }
+    } else {
+        /* C += A @ B^T with B stored [N, K]: one dot product per output. */
+        for (int64_t row = 0; row < m; row++) {
+            const REAL *a_row = a + row * lda;
+            for (int64_t col = 0; col < n; col++) {
+                const REAL *b_row = b + col * ldb;
+                REAL sum = 0;
+                for (int64_t p = 0; p < k; p++) {
+                    sum += a_row[p] * b_row[p];
+                }
+                c[row * ldc + col] += sum;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Pointwise cell, forward and backward.
+ */
+
+/* sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: no overflow and no exception flag for any finite z, and
+ * exactly 0 or 1 where it saturates. */
+static inline REAL FN(sigmoid)(REAL z)
+{
+    return (REAL)0.5 * TANH((REAL)0.5 * z) + (REAL)0.5;
+}
+
+/* Forward of one step for B rows.
+ *   gates  [B, G] read as pre-activations, overwritten with the activations i, j, f, o (tape)
+ *   c_prev [B, H] read;  c_next, h_next [B, H] written. c_next may be c_prev (in-place update). */
+static void FN(cell_forward)(int64_t batch, int64_t hidden, REAL *gates, const REAL *c_prev,
+                             REAL *c_next, REAL *h_next, REAL forget_bias)
+{
+    const int64_t g = 4 * hidden;
+    for (int64_t row = 0; row < batch; row++) {
+        REAL *z = gates + row * g;
+        for (int64_t u = 0; u < hidden; u++) {
+            const REAL i = FN(sigmoid)(z[u]);
+            const REAL j = TANH(z[hidden + u]);
+            const REAL f = FN(sigmoid)(z[2 * hidden + u] + forget_bias);
+            const REAL o = FN(sigmoid)(z[3 * hidden + u]);
+            const REAL c = c_prev[row * hidden + u] * f + i * j;
+            c_next[row * hidden + u] = c;
+            h_next[row * hidden + u] = TANH(c) * o;
+            z[u] = i;
+            z[hidden + u] = j;
+            z[2 * hidden + u] = f;
+            z[3 * hidden + u] = o;
+        }
+    }
+}
+
+/* Backward of one step for B rows.
+ *   acts   [B, G] read (i, j, f, o);  c_prev, c_next [B, H] read;  d_out [B, H] read
+ *   d_h    [B, H] read: gradient flowing into h_t from step t + 1
+ *   d_c    [B, H] read as the gradient of c_t from step t + 1, written with that of c_{t-1}
+ *   dz     [B, G] written: gradient of the pre-activations */
+static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, const REAL *c_prev,
+                              const REAL *c_next, const REAL *d_out, const REAL *d_h, REAL *d_c,
+                              REAL *dz)
+{
+    const int64_t g = 4 * hidden;
+    for (int64_t row = 0; row < batch; row++) {
+        const REAL *a = acts + row * g;
+        REAL *d = dz + row * g;
+        for (int64_t u = 0; u < hidden; u++) {
+            const int64_t at = row * hidden + u;
+            const REAL i = a[u], j = a[hidden + u], f = a[2 * hidden + u], o = a[3 * hidden + u];
+            const REAL tanh_c = TANH(c_next[at]);
+            const REAL dh = d_out[at] + d_h[at];
+            /* h = tanh(c) * o */
+            const REAL d_o = dh * tanh_c;
+            const REAL dc = d_c[at] + dh * o * (1 - tanh_c * tanh_c);
+            /* c = c_prev * f + i * j */
+            d[u] = dc * j * (i * (1 - i));
+            d[hidden + u] = dc * i * (1 - j * j);
+            d[2 * hidden + u] = dc * c_prev[at] * (f * (1 - f));
+            d[3 * hidden + u] = d_o * (o * (1 - o));
+            d_c[at] = dc * f;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Layers over T steps.
+ */
+
+/* Sets each of rows rows of out [rows, G] to the bias [G]. */
+static void FN(fill_rows)(int64_t rows, int64_t g, const REAL *bias, REAL *out)
+{
+    for (int64_t row = 0; row < rows; row++) {
+        memcpy(out + row * g, bias, (size_t)g * sizeof(REAL));
+    }
+}
+
+int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, REAL *state,
+                   REAL *gates, REAL *cs, REAL *hs, double forget_bias, int keep_tape)
+{
+    if (!fl_dims_valid(dims)) {
+        return FL_EINVAL_SIZE;
+    }
+    const int64_t layers = dims->layers, steps = dims->steps, batch = dims->batch;
+    const int64_t hidden = dims->hidden, g = 4 * hidden;
+    const int64_t rows = steps * batch;                 /* T * B rows of the input projection */
+    const int64_t bh = batch * hidden, bg = batch * g;
+    /* Tape slot sizes; without keep_tape every layer uses slot 0. */
+    const int64_t gates_slot = keep_tape ? rows * g : 0;
+    const int64_t state_slot = keep_tape ? (steps + 1) * bh : 0;
+
+    const REAL *layer_params = params;
+    for (int64_t l = 0; l < layers; l++) {
+        const int64_t in = l == 0 ? dims->input : hidden;      /* I_l */
+        const REAL *w_x = layer_params;                        /* [I_l, G] */
+        const REAL *w_h = w_x + in * g;                        /* [H, G] */
+        const REAL *bias = w_h + hidden * g;                   /* [G] */
+        REAL *z = gates + l * gates_slot;                      /* [T, B, G] */
+        REAL *c = cs + l * state_slot;                         /* [T + 1, B, H] */
+        REAL *h = hs + l * state_slot;                         /* [T + 1, B, H] */
+        /* Layer 0 reads x; layer l > 0 reads the outputs of layer l - 1 at steps 1..T. Without
+         * keep_tape that is h itself, which the projection reads before the time loop writes it. */
+        const REAL *inputs = l == 0 ? x : hs + (l - 1) * state_slot + bh;   /* [T, B, I_l] */
+
+        /* Input projection for all steps: Z = X @ W_x + b. */
+        FN(fill_rows)(rows, g, bias, z);
+        FN(gemm)(0, 0, rows, g, in, inputs, in, w_x, g, 1, z, g, in * g);
+
+        memcpy(c, state + (2 * l) * bh, (size_t)bh * sizeof(REAL));
+        memcpy(h, state + (2 * l + 1) * bh, (size_t)bh * sizeof(REAL));
+
+        /* Time loop: Z_t += h_{t-1} @ W_h, then the cell. */
+        for (int64_t t = 0; t < steps; t++) {
+            FN(gemm)(0, 0, batch, g, hidden, h + t * bh, hidden, w_h, g, 1, z + t * bg, g,
+                     hidden * g);
+            FN(cell_forward)(batch, hidden, z + t * bg, c + t * bh, c + (t + 1) * bh,
+                             h + (t + 1) * bh, (REAL)forget_bias);
+        }
+
+        memcpy(state + (2 * l) * bh, c + steps * bh, (size_t)bh * sizeof(REAL));
+        memcpy(state + (2 * l + 1) * bh, h + steps * bh, (size_t)bh * sizeof(REAL));
+        layer_params = bias + g;
+    }
+    return FL_OK;
+}
+
+int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, const REAL *gates,
+                    const REAL *cs, const REAL *hs, const REAL *d_y, const REAL *d_final_state,
+                    REAL *grad, REAL *d_state, REAL *d_x, REAL *dz, REAL *d_hidden)
+{
+    if (!fl_dims_valid(dims)) {
+        return FL_EINVAL_SIZE;
+    }
+    const int64_t layers = dims->layers, steps = dims->steps, batch = dims->batch;
+    const int64_t hidden = dims->hidden, g = 4 * hidden;
+    const int64_t rows = steps * batch;
+    const int64_t bh = batch * hidden, bg = batch * g;
+    const int64_t state_slot = (steps + 1) * bh;
+
+    /* Gradient of the outputs of the layer being processed: d_y for the top layer, then the input
+     * gradient of the layer above, which that layer writes into d_hidden after its time loop. */
+    const REAL *d_out = d_y;
+    for (int64_t l = layers - 1; l >= 0; l--) {
+        const int64_t in = l == 0 ? dims->input : hidden;
+        const int64_t offset = fl_layer_offset(dims, l);
+        const REAL *w_x = params + offset;                     /* [I_l, G] */
+        const REAL *w_h = w_x + in * g;                        /* [H, G] */
+        REAL *dw_x = grad + offset;                            /* [I_l, G] += */
+        REAL *dw_h = dw_x + in * g;                            /* [H, G] += */
+        REAL *d_bias = dw_h + hidden * g;                      /* [G] += */
+        const REAL *acts = gates + l * rows * g;               /* [T, B, G] */
+        const REAL *c = cs + l * state_slot;                   /* [T + 1, B, H] */
+        const REAL *h = hs + l * state_slot;                   /* [T + 1, B, H] */
+        const REAL *inputs = l == 0 ? x : hs + (l - 1) * state_slot + bh;   /* [T, B, I_l] */
+        REAL *d_c = d_state + (2 * l) * bh;                    /* carry, then d c_0 */
+        REAL *d_h = d_state + (2 * l + 1) * bh;                /* carry, then d h_0 */
+
+        if (d_final_state != NULL) {
+            memcpy(d_c, d_final_state + (2 * l) * bh, (size_t)bh * sizeof(REAL));
+            memcpy(d_h, d_final_state + (2 * l + 1) * bh, (size_t)bh * sizeof(REAL));
+        } else {
+            memset(d_c, 0, (size_t)bh * sizeof(REAL));
+            memset(d_h, 0, (size_t)bh * sizeof(REAL));
+        }
+
+        /* Reversed time loop: dZ_t from the cell, then dh_{t-1} = dZ_t @ W_h^T. */
+        for (int64_t t = steps - 1; t >= 0; t--) {
+            FN(cell_backward)(batch, hidden, acts + t * bg, c + t * bh, c + (t + 1) * bh,
+                              d_out + t * bh, d_h, d_c, dz + t * bg);
+            FN(gemm)(0, 1, batch, hidden, g, dz + t * bg, g, w_h, g, 0, d_h, hidden, hidden * g);
+        }
+
+        /* Weight gradients for all steps at once. */
+        /* dW_x += X^T @ dZ */
+        FN(gemm)(1, 0, in, g, rows, inputs, in, dz, g, 1, dw_x, g, in * g);
+        /* dW_h += H_prev^T @ dZ, where H_prev = h[0:T] */
+        FN(gemm)(1, 0, hidden, g, rows, h, hidden, dz, g, 1, dw_h, g, hidden * g);
+        /* db += sum over rows of dZ */
+        for (int64_t row = 0; row < rows; row++) {
+            const REAL *dz_row = dz + row * g;
+            for (int64_t col = 0; col < g; col++) {
+                d_bias[col] += dz_row[col];
+            }
+        }
+        /* dX = dZ @ W_x^T: the output gradient of the layer below, or d_x for layer 0. */
+        REAL *d_inputs = l == 0 ? d_x : d_hidden;
+        FN(gemm)(0, 1, rows, in, g, dz, g, w_x, g, 0, d_inputs, in, in * g);
+        d_out = d_hidden;
+    }
+    return FL_OK;
+}
+
+int FN(fl_step)(const fl_dims *dims, const REAL *params, const REAL *x_t, REAL *state,
+                REAL *gates, double forget_bias)
+{
+    fl_dims one_step = *dims;
+    one_step.steps = 1;
+    if (!fl_dims_valid(&one_step)) {
+        return FL_EINVAL_SIZE;
+    }
+    const int64_t batch = dims->batch, hidden = dims->hidden, g = 4 * hidden;
+    const int64_t bh = batch * hidden;
+
+    const REAL *inputs = x_t;
+    for (int64_t l = 0; l < dims->layers; l++) {
+        const int64_t in = l == 0 ? dims->input : hidden;
+        const REAL *w_x = params + fl_layer_offset(dims, l);
+        const REAL *w_h = w_x + in * g;
+        const REAL *bias = w_h + hidden * g;
+        REAL *c = state + (2 * l) * bh;
+        REAL *h = state + (2 * l + 1) * bh;
+
+        /* The same sequence of operations as fl_forward, so that T steps here equal one call there
+         * bit for bit: z = b, z += x @ W_x, z += h @ W_h, then the cell. */
+        FN(fill_rows)(batch, g, bias, gates);
+        FN(gemm)(0, 0, batch, g, in, inputs, in, w_x, g, 1, gates, g, in * g);
+        FN(gemm)(0, 0, batch, g, hidden, h, hidden, w_h, g, 1, gates, g, hidden * g);
+        FN(cell_forward)(batch, hidden, gates, c, c, h, (REAL)forget_bias);
+        inputs = h;
+    }
+    return FL_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Softmax cross-entropy head.
+ */
+
+int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REAL *inputs,
+                        const REAL *head_params, const int64_t *labels, REAL *probs,
+                        REAL *d_inputs, REAL *head_grad, double *loss)
+{
+    if (rows < 1 || hidden < 1 || classes < 1 || hidden > INT64_MAX / classes) {
+        return FL_EINVAL_SIZE;
+    }
+    for (int64_t row = 0; row < rows; row++) {
+        if (labels[row] < 0 || labels[row] >= classes) {
+            return FL_EINVAL_LABEL;
+        }
+    }
+    const REAL *w = head_params;                               /* [H, C] */
+    const REAL *bias = head_params + hidden * classes;         /* [C] */
+    REAL *d_w = head_grad;                                     /* [H, C] += */
+    REAL *d_bias = head_grad + hidden * classes;               /* [C] += */
+    const REAL scale = (REAL)1 / (REAL)rows;                   /* d(mean loss) / d(row loss) */
+
+    /* Logits = X @ W + b, into probs. */
+    FN(fill_rows)(rows, classes, bias, probs);
+    FN(gemm)(0, 0, rows, classes, hidden, inputs, hidden, w, classes, 1, probs, classes,
+             hidden * classes);
+
+    /* Softmax with the row maximum subtracted, and the loss -log p[label]. */
+    double loss_sum = 0.0;
+    for (int64_t row = 0; row < rows; row++) {
+        REAL *p = probs + row * classes;
+        REAL max_logit = p[0];
+        for (int64_t k = 1; k < classes; k++) {
+            max_logit = p[k] > max_logit ? p[k] : max_logit;
+        }
+        const REAL label_logit = p[labels[row]] - max_logit;
+        REAL sum = 0;
+        for (int64_t k = 0; k < classes; k++) {
+            p[k] = EXP(p[k] - max_logit);
+            sum += p[k];
+        }
+        const REAL inverse = (REAL)1 / sum;
+        for (int64_t k = 0; k < classes; k++) {
+            p[k] *= inverse;
+        }
+        loss_sum += (double)LOG(sum) - (double)label_logit;
+    }
+    *loss = loss_sum / (double)rows;
+
+    /* dLogits = (P - onehot(labels)) / N. Large heads get their own buffer so that BLAS can
+     * multiply it; small ones compute it on the fly inside the loops. */
+    if (hidden * classes >= FL_BLAS_MIN_WEIGHTS && FN(blas_gemm) != NULL) {
+        REAL *d_logits = (REAL *)malloc((size_t)(rows * classes) * sizeof(REAL));
+        if (d_logits == NULL) {
+            return FL_ENOMEM;
+        }
+        for (int64_t row = 0; row < rows; row++) {
+            for (int64_t k = 0; k < classes; k++) {
+                d_logits[row * classes + k] = probs[row * classes + k] * scale;
+            }
+            d_logits[row * classes + labels[row]] -= scale;
+        }
+        /* dW += X^T @ dLogits */
+        FN(gemm)(1, 0, hidden, classes, rows, inputs, hidden, d_logits, classes, 1, d_w, classes,
+                 hidden * classes);
+        for (int64_t row = 0; row < rows; row++) {
+            for (int64_t k = 0; k < classes; k++) {
+                d_bias[k] += d_logits[row * classes + k];
+            }
+        }
+        /* dX = dLogits @ W^T */
+        FN(gemm)(0, 1, rows, hidden, classes, d_logits, classes, w, classes, 0, d_inputs, hidden,
+                 hidden * classes);
+        free(d_logits);
+        return FL_OK;
+    }
+
+    for (int64_t row = 0; row < rows; row++) {
+        const REAL *p = probs + row * classes;
+        const REAL *x_row = inputs + row * hidden;
+        REAL *dx_row = d_inputs + row * hidden;
+        const int64_t label = labels[row];
+        for (int64_t u = 0; u < hidden; u++) {
+            REAL sum = 0;
+            for (int64_t k = 0; k < classes; k++) {
+                const REAL d_logit = p[k] * scale - (k == label ? scale : 0);
+                d_w[u * classes + k] += x_row[u] * d_logit;
+                sum += d_logit * w[u * classes + k];
+            }
+            dx_row[u] = sum;
+        }
+        for (int64_t k = 0; k < classes; k++) {
+            d_bias[k] += p[k] * scale - (k == label ? scale : 0);
+        }
+    }
+    return FL_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Optimizers and the fused training window.
+ */
+
+/* Updates n weights w in place from the gradient g multiplied by grad_scale (clipping).
+ * slots: none for SGD, the accumulator [n] for Adagrad, m [n] then v [n] for Adam. */
+static void FN(optimizer_update)(const fl_optimizer *opt, REAL grad_scale, int64_t n, REAL *w,
+                                 const REAL *grad, REAL *slots)
+{
+    const REAL lr = (REAL)opt->learning_rate;
+    if (opt->kind == FL_SGD) {
+        for (int64_t k = 0; k < n; k++) {
+            w[k] -= lr * (grad[k] * grad_scale);
+        }
+    } else if (opt->kind == FL_ADAGRAD) {
+        REAL *acc = slots;
+        for (int64_t k = 0; k < n; k++) {
+            const REAL gk = grad[k] * grad_scale;
+            acc[k] += gk * gk;
+            w[k] -= lr * gk / SQRT(acc[k]);
+        }
+    } else {
+        REAL *m = slots, *v = slots + n;
+        const double t = (double)opt->step;
+        const REAL alpha = (REAL)(opt->learning_rate * sqrt(1.0 - pow(opt->beta_2, t))
+                                  / (1.0 - pow(opt->beta_1, t)));
+        const REAL one_minus_b1 = (REAL)(1.0 - opt->beta_1), one_minus_b2 = (REAL)(1.0 - opt->beta_2);
+        const REAL eps = (REAL)opt->epsilon;
+        for (int64_t k = 0; k < n; k++) {
+            const REAL gk = grad[k] * grad_scale;
+            m[k] += (gk - m[k]) * one_minus_b1;
+            v[k] += (gk * gk - v[k]) * one_minus_b2;
+            w[k] -= alpha * m[k] / (SQRT(v[k]) + eps);
+        }
+    }
+}
+
+static double FN(sum_squares)(int64_t n, const REAL *values)
+{
+    double sum = 0.0;
+    for (int64_t k = 0; k < n; k++) {
+        sum += (double)values[k] * (double)values[k];
+    }
+    return sum;
+}
+
+int FN(fl_train_window)(const fl_dims *dims, int64_t classes, REAL *params, REAL *head_params,
+                        const REAL *x, const int64_t *labels, REAL *state, REAL *gates, REAL *cs,
+                        REAL *hs, REAL *probs, REAL *d_y, REAL *grad, REAL *head_grad,
+                        REAL *d_state, REAL *d_x, REAL *dz, REAL *d_hidden, double forget_bias,
+                        const fl_optimizer *optimizer, REAL *slots, REAL *head_slots, double *loss)
+{
+    if (!fl_dims_valid(dims) || classes < 1 || dims->hidden > INT64_MAX / classes) {
+        return FL_EINVAL_SIZE;
+    }
+    if (fl_optimizer_slots(optimizer->kind) < 0 || (optimizer->kind == FL_ADAM && optimizer->step < 1)) {
+        return FL_EINVAL_OPTIMIZER;
+    }
+    const int64_t rows = dims->steps * dims->batch;
+    for (int64_t row = 0; row < rows; row++) {
+        if (labels[row] < 0 || labels[row] >= classes) {
+            return FL_EINVAL_LABEL;   /* checked before the state buffer is touched */
+        }
+    }
+    const int64_t n_params = fl_num_params(dims);
+    const int64_t n_head = dims->hidden * classes + classes;
+    const int64_t state_slot = (dims->steps + 1) * dims->batch * dims->hidden;
+    const REAL *top_outputs = hs + (dims->layers - 1) * state_slot + dims->batch * dims->hidden;
+    int status;
+
+    status = FN(fl_forward)(dims, params, x, state, gates, cs, hs, forget_bias, 1);
+    if (status != FL_OK) {
+        return status;
+    }
+
+    memset(head_grad, 0, (size_t)n_head * sizeof(REAL));
+    status = FN(fl_softmax_xent)(rows, dims->hidden, classes, top_outputs, head_params, labels,
+                                 probs, d_y, head_grad, loss);
+    if (status != FL_OK) {
+        return status;
+    }
+
+    memset(grad, 0, (size_t)n_params * sizeof(REAL));
+    status = FN(fl_backward)(dims, params, x, gates, cs, hs, d_y, NULL, grad, d_state, d_x, dz,
+                             d_hidden);
+    if (status != FL_OK) {
+        return status;
+    }
+
+    /* Clipping by global norm, as TensorFlow's clip_by_global_norm:
+     * g *= clip_norm / max(global_norm, clip_norm). */
+    REAL grad_scale = 1;
+    if (optimizer->clip_norm > 0) {
+        const double norm = sqrt(FN(sum_squares)(n_params, grad) + FN(sum_squares)(n_head, head_grad));
+        grad_scale = (REAL)(optimizer->clip_norm / (norm > optimizer->clip_norm ? norm : optimizer->clip_norm));
+    }
+    FN(optimizer_update)(optimizer, grad_scale, n_params, params, grad, slots);
+    FN(optimizer_update)(optimizer, grad_scale, n_head, head_params, head_grad, head_slots);
+    return FL_OK;
+}
+
+#undef FN
+#undef FL_CAT
+#undef FL_CAT_

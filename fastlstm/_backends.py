@@ -1,0 +1,116 @@
+"""Backend selection and the contract that every backend module implements.
+
+A backend is a module with the kernel entry points below. The Python layer validates every argument
+before it calls one, so a kernel may assume: every array is C-contiguous, writeable where written, and
+of one floating dtype (float32 or float64) shared with ``params``; the shapes agree as listed; outputs
+do not alias inputs. Shapes are time-major and use the letters of ``fastlstm._layout``.
+
+``forward(params, x, state, gates, cs, hs, forget_bias, keep_tape)``
+    params [P] read; x [T, B, I] read; state [L, 2, B, H] read as the initial state and overwritten
+    with the final state. With ``keep_tape`` true the tape is gates [L, T, B, G] (activations i, j, f, o
+    after their nonlinearities), cs and hs [L, T + 1, B, H] (index 0 on the time axis is the initial
+    state); all three are written. With ``keep_tape`` false the layers share one slot, so the leading
+    dimension of gates, cs and hs is 1: layer l > 0 reads its input from hs[0, 1:] through the input
+    projection before its time loop overwrites hs. After the call the top layer's outputs are
+    hs[-1, 1:].
+
+``backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, dz, d_hidden)``
+    Reads the tape of a ``keep_tape`` forward over the same params and x. d_y [T, B, H] read;
+    d_final_state [L, 2, B, H] read, or None for zeros; grad [P] accumulated (+=, the caller zeroes
+    it); d_state [L, 2, B, H] written with the gradient of the initial state; d_x [T, B, I] written;
+    dz [T, B, G] and d_hidden [T, B, H] are scratch.
+
+``step(params, x_t, state, gates, forget_bias)``
+    One time step through all layers: x_t [B, I] read; state [L, 2, B, H] updated in place; gates
+    [B, G] scratch. The top layer's output is state[L - 1, 1] afterwards.
+
+``softmax_xent(hidden, head_params, labels, probs, d_hidden, head_grad)``
+    Dense layer plus softmax cross-entropy over N rows: hidden [N, H] read; head_params [H * C + C]
+    read (a row-major kernel [H, C], then a bias [C]); labels [N] int64 in [0, C) read; probs [N, C]
+    written with the softmax probabilities; d_hidden [N, H] written with the gradient of the mean loss;
+    head_grad [H * C + C] accumulated (+=). Returns the mean loss over the N rows as a float.
+
+``train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_y, grad, head_grad,
+d_state, d_x, dz, d_hidden, forget_bias, optimizer, hyper, slots, head_slots, step)``
+    One fused truncated-BPTT training step: forward with the tape, ``softmax_xent`` on the top
+    outputs, backward, optional clipping and the optimizer update of params and head_params in place.
+    x [T, B, I] and labels [T, B] int64; state [L, 2, B, H] in place (final state, as in forward);
+    probs [T, B, C] written; grad [P] and head_grad [H * C + C] are overwritten with this window's
+    gradients (before clipping); d_y [T, B, H], d_state, d_x, dz and d_hidden are scratch of the
+    shapes above. ``optimizer`` is 0 for SGD, 1 for Adagrad, 2 for Adam; ``hyper`` is float64
+    [learning_rate, beta_1, beta_2, epsilon, clip_norm] where clip_norm <= 0 means no clipping, and
+    clipping scales both gradients by clip_norm / max(global_norm, clip_norm) as TensorFlow's
+    clip_by_global_norm does. ``slots`` [S, P] and ``head_slots`` [S, H * C + C] are the optimizer's
+    state, S = 0 for SGD, 1 for Adagrad (the accumulator) and 2 for Adam (m, then v). ``step`` is
+    Adam's update count including this one (1 on the first update). The updates are
+    SGD ``w -= lr * g``; Adagrad (TensorFlow 1.x) ``acc += g * g; w -= lr * g / sqrt(acc)``; Adam
+    (Keras) ``m += (g - m) * (1 - beta_1); v += (g * g - v) * (1 - beta_2);
+    w -= lr * sqrt(1 - beta_2**step) / (1 - beta_1**step) * m / (sqrt(v) + epsilon)``.
+    Returns the window's mean loss, computed before the update.
+"""
+
+import os
+
+BACKEND_NAMES = ("c", "numba")
+_ENV_VARIABLE = "FASTLSTM_BACKEND"
+_modules = {}
+_failures = {}
+
+
+def _load(name):
+    if name in _modules:
+        return _modules[name]
+    if name in _failures:
+        return None
+    try:
+        if name == "c":
+            from fastlstm import _cext as module
+        else:
+            from fastlstm import _numba_kernels as module
+    except ImportError as error:
+        _failures[name] = f"{type(error).__name__}: {error}"
+        return None
+    _modules[name] = module
+    return module
+
+
+def backends():
+    """Report which backends can run here.
+
+    Returns a dict mapping each backend name to ``{"available": bool, "reason": str}``; the reason is
+    empty for an available backend and says why the import failed otherwise.
+    """
+    report = {}
+    for name in BACKEND_NAMES:
+        available = _load(name) is not None
+        report[name] = {"available": available, "reason": "" if available else _failures[name]}
+    return report
+
+
+def resolve_backend(name="auto"):
+    """Return ``(name, module)`` for ``name``, ``FASTLSTM_BACKEND`` or the default, in that order.
+
+    ``"auto"`` means the C extension when it imports, else Numba.
+    """
+    if name is None or name == "auto":
+        name = os.environ.get(_ENV_VARIABLE, "auto") or "auto"
+        source = f"environment variable {_ENV_VARIABLE}"
+    else:
+        source = "backend"
+    if not isinstance(name, str) or name not in BACKEND_NAMES + ("auto",):
+        raise ValueError(
+            f"{source} must be one of 'auto', 'c', 'numba', got {name!r}"
+        )
+    if name == "auto":
+        for candidate in BACKEND_NAMES:
+            module = _load(candidate)
+            if module is not None:
+                return candidate, module
+        raise ImportError(
+            "no fastlstm backend can be loaded: "
+            + "; ".join(f"{n}: {_failures[n]}" for n in BACKEND_NAMES)
+        )
+    module = _load(name)
+    if module is None:
+        raise ImportError(f"fastlstm backend {name!r} is not available: {_failures[name]}")
+    return name, module

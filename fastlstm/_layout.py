@@ -1,0 +1,39 @@
+"""Parameter layout shared by every backend and by the Python layer.
+
+Dimension letters: L layers, T steps, B batch, I input width of layer 0, H hidden units, G = 4H gates.
+
+Per layer l, in order, the flat parameter vector holds its kernel ``[I_l + H, G]`` (rows ``0..I_l-1``
+multiply x, the next H rows multiply h) and then its bias ``[G]``, where ``I_0 = I`` and ``I_l = H`` for
+l > 0. Gradients use the same layout.
+
+Gate column blocks follow TensorFlow's BasicLSTMCell: i (input), j (candidate), f (forget), o (output).
+"""
+
+GATE_I = 0
+GATE_J = 1
+GATE_F = 2
+GATE_O = 3
+
+
+def layer_input_size(layer, input_size, hidden_size):
+    """Return the input width of ``layer``: I for layer 0, H above it."""
+    return input_size if layer == 0 else hidden_size
+
+
+def layer_offsets(input_size, hidden_size, num_layers):
+    """Return ``[(kernel_start, bias_start, layer_end), ...]``, one tuple per layer, in elements."""
+    gates = 4 * hidden_size
+    offsets = []
+    start = 0
+    for layer in range(num_layers):
+        rows = layer_input_size(layer, input_size, hidden_size) + hidden_size
+        bias_start = start + rows * gates
+        end = bias_start + gates
+        offsets.append((start, bias_start, end))
+        start = end
+    return offsets
+
+
+def num_params(input_size, hidden_size, num_layers):
+    """Return the length of the flat parameter vector."""
+    return layer_offsets(input_size, hidden_size, num_layers)[-1][2]
