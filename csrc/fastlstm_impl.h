@@ -137,10 +137,11 @@ static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, c
             /* h = tanh(c) * o */
             const REAL d_o = dh * tanh_c;
             const REAL dc = d_c[at] + dh * o * (1 - tanh_c * tanh_c);
-            /* c = c_prev * f + i * j */
+            /* c = c_prev * f + i * j. The sigmoid derivative f * (1 - f) multiplies c_prev first:
+             * it is exactly 0 where f saturates, which keeps a huge c_prev from making inf * 0. */
             d[u] = dc * j * (i * (1 - i));
             d[hidden + u] = dc * i * (1 - j * j);
-            d[2 * hidden + u] = dc * c_prev[at] * (f * (1 - f));
+            d[2 * hidden + u] = dc * (c_prev[at] * (f * (1 - f)));
             d[3 * hidden + u] = d_o * (o * (1 - o));
             d_c[at] = dc * f;
         }
