@@ -53,7 +53,9 @@ def extensions():
         sources=["fastlstm/_cext.pyx", "csrc/fastlstm.c"],
         include_dirs=["csrc", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
-        extra_compile_args=["-O3", "-fno-math-errno"],
+        # -fno-math-errno lets sqrt inline; -ffp-contract=off keeps every build and every
+        # instruction-set clone on the same rounding (no fused multiply-add).
+        extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=off"],
     )
     try:
         return cythonize([extension], language_level=3,

@@ -1,10 +1,14 @@
 /* fastlstm C core: shared helpers, then the float and double kernels from fastlstm_impl.h. */
 #include "fastlstm.h"
+#include "fastlstm_math.h"
 
 #include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Largest B (in elements) that gemm transposes into a stack buffer for its A @ B^T loops. */
+#define FL_SMALL_TRANSPOSE 1024
 
 static fl_sgemm_fn blas_gemm_f32 = NULL;
 static fl_dgemm_fn blas_gemm_f64 = NULL;
@@ -87,9 +91,16 @@ int64_t fl_num_params(const fl_dims *dims)
     return fl_layer_offset(dims, dims->layers);
 }
 
+void fl_tanh_array_f32(int64_t n, const float *x, float *out)
+{
+    for (int64_t k = 0; k < n; k++) {
+        out[k] = fl_tanh_f32(x[k]);
+    }
+}
+
 #define REAL float
 #define FL_SUFFIX f32
-#define TANH tanhf
+#define TANH fl_tanh_f32
 #define EXP expf
 #define LOG logf
 #define SQRT sqrtf

@@ -75,6 +75,9 @@ typedef struct {
 /* Number of optimizer slots per parameter: 0 for SGD, 1 for Adagrad, 2 for Adam; -1 if unknown. */
 int fl_optimizer_slots(int kind);
 
+/* out[k] = tanh(x[k]) with the float32 tanh of the cell kernels (fastlstm_math.h), for tests. */
+void fl_tanh_array_f32(int64_t n, const float *x, float *out);
+
 /* Number of elements of the flat parameter vector. */
 int64_t fl_num_params(const fl_dims *dims);
 

@@ -14,12 +14,30 @@
  * Matrix products.
  */
 
+/* C[M, N] += A[M, K] @ B[K, N] in direct loops, one row of B at a time so that the inner loop is
+ * contiguous and vectorizes. */
+static inline void FN(gemm_nn_loops)(int64_t m, int64_t n, int64_t k, const REAL *restrict a,
+                                     int64_t lda, const REAL *restrict b, int64_t ldb,
+                                     REAL *restrict c, int64_t ldc)
+{
+    for (int64_t row = 0; row < m; row++) {
+        REAL *c_row = c + row * ldc;
+        for (int64_t p = 0; p < k; p++) {
+            const REAL a_value = a[row * lda + p];
+            const REAL *b_row = b + p * ldb;
+            for (int64_t col = 0; col < n; col++) {
+                c_row[col] += a_value * b_row[col];
+            }
+        }
+    }
+}
+
 /* Row-major C[M, N] = op(A)[M, K] @ op(B)[K, N] + beta * C, with beta 0 or 1. op transposes when
  * its flag is set: then A is stored [K, M] and B is stored [N, K]. weight_elems is the size of the
  * weight operand and alone decides between BLAS and direct loops (see FL_BLAS_MIN_WEIGHTS). */
-static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, const REAL *a,
-                     int64_t lda, const REAL *b, int64_t ldb, int beta_one, REAL *c, int64_t ldc,
-                     int64_t weight_elems)
+static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                     const REAL *restrict a, int64_t lda, const REAL *restrict b, int64_t ldb,
+                     int beta_one, REAL *restrict c, int64_t ldc, int64_t weight_elems)
 {
     int fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && lda < INT_MAX && ldb < INT_MAX
                    && ldc < INT_MAX;
@@ -41,17 +59,7 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, 
         }
     }
     if (!trans_a && !trans_b) {
-        /* C += A @ B, one row of B at a time so that the inner loop is contiguous. */
-        for (int64_t row = 0; row < m; row++) {
-            REAL *c_row = c + row * ldc;
-            for (int64_t p = 0; p < k; p++) {
-                const REAL a_value = a[row * lda + p];
-                const REAL *b_row = b + p * ldb;
-                for (int64_t col = 0; col < n; col++) {
-                    c_row[col] += a_value * b_row[col];
-                }
-            }
-        }
+        FN(gemm_nn_loops)(m, n, k, a, lda, b, ldb, c, ldc);
     } else if (trans_a && !trans_b) {
         /* C += A^T @ B with A stored [K, M]: the weight gradients, summed over the K = T * B rows. */
         for (int64_t p = 0; p < k; p++) {
@@ -64,6 +72,16 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, 
                 }
             }
         }
+    } else if (n * k <= FL_SMALL_TRANSPOSE) {
+        /* C += A @ B^T with a small B stored [N, K]: transpose B once, then the contiguous
+         * A @ B loop, which vectorizes where the dot products below cannot. */
+        REAL b_transposed[FL_SMALL_TRANSPOSE];
+        for (int64_t col = 0; col < n; col++) {
+            for (int64_t p = 0; p < k; p++) {
+                b_transposed[p * n + col] = b[col * ldb + p];
+            }
+        }
+        FN(gemm_nn_loops)(m, n, k, a, lda, b_transposed, n, c, ldc);
     } else {
         /* C += A @ B^T with B stored [N, K]: one dot product per output. */
         for (int64_t row = 0; row < m; row++) {
@@ -94,25 +112,36 @@ static inline REAL FN(sigmoid)(REAL z)
 /* Forward of one step for B rows.
  *   gates  [B, G] read as pre-activations, overwritten with the activations i, j, f, o (tape)
  *   c_prev [B, H] read;  c_next, h_next [B, H] written. c_next may be c_prev (in-place update). */
+/* One row of cell_forward. The gate blocks are restrict parameters so that the compiler knows they
+ * are disjoint and vectorizes the loop over units; c_prev and c_next may be the same row. */
+static inline void FN(cell_forward_row)(int64_t hidden, REAL *restrict zi, REAL *restrict zj,
+                                        REAL *restrict zf, REAL *restrict zo, const REAL *c_prev,
+                                        REAL *c_next, REAL *restrict h_next, REAL forget_bias)
+{
+    for (int64_t u = 0; u < hidden; u++) {
+        const REAL i = FN(sigmoid)(zi[u]);
+        const REAL j = TANH(zj[u]);
+        const REAL f = FN(sigmoid)(zf[u] + forget_bias);
+        const REAL o = FN(sigmoid)(zo[u]);
+        const REAL c = c_prev[u] * f + i * j;
+        c_next[u] = c;
+        h_next[u] = TANH(c) * o;
+        zi[u] = i;
+        zj[u] = j;
+        zf[u] = f;
+        zo[u] = o;
+    }
+}
+
 static void FN(cell_forward)(int64_t batch, int64_t hidden, REAL *gates, const REAL *c_prev,
                              REAL *c_next, REAL *h_next, REAL forget_bias)
 {
     const int64_t g = 4 * hidden;
     for (int64_t row = 0; row < batch; row++) {
         REAL *z = gates + row * g;
-        for (int64_t u = 0; u < hidden; u++) {
-            const REAL i = FN(sigmoid)(z[u]);
-            const REAL j = TANH(z[hidden + u]);
-            const REAL f = FN(sigmoid)(z[2 * hidden + u] + forget_bias);
-            const REAL o = FN(sigmoid)(z[3 * hidden + u]);
-            const REAL c = c_prev[row * hidden + u] * f + i * j;
-            c_next[row * hidden + u] = c;
-            h_next[row * hidden + u] = TANH(c) * o;
-            z[u] = i;
-            z[hidden + u] = j;
-            z[2 * hidden + u] = f;
-            z[3 * hidden + u] = o;
-        }
+        FN(cell_forward_row)(hidden, z, z + hidden, z + 2 * hidden, z + 3 * hidden,
+                             c_prev + row * hidden, c_next + row * hidden, h_next + row * hidden,
+                             forget_bias);
     }
 }
 
@@ -121,6 +150,32 @@ static void FN(cell_forward)(int64_t batch, int64_t hidden, REAL *gates, const R
  *   d_h    [B, H] read: gradient flowing into h_t from step t + 1
  *   d_c    [B, H] read as the gradient of c_t from step t + 1, written with that of c_{t-1}
  *   dz     [B, G] written: gradient of the pre-activations */
+/* One row of cell_backward; restrict for the same reason as in cell_forward_row. */
+static inline void FN(cell_backward_row)(int64_t hidden, const REAL *restrict ai,
+                                         const REAL *restrict aj, const REAL *restrict af,
+                                         const REAL *restrict ao, const REAL *restrict c_prev,
+                                         const REAL *restrict c_next, const REAL *restrict d_out,
+                                         const REAL *restrict d_h, REAL *restrict d_c,
+                                         REAL *restrict di, REAL *restrict dj, REAL *restrict df,
+                                         REAL *restrict d_o)
+{
+    for (int64_t u = 0; u < hidden; u++) {
+        const REAL i = ai[u], j = aj[u], f = af[u], o = ao[u];
+        const REAL tanh_c = TANH(c_next[u]);
+        const REAL dh = d_out[u] + d_h[u];
+        /* h = tanh(c) * o */
+        const REAL d_gate_o = dh * tanh_c;
+        const REAL dc = d_c[u] + dh * o * (1 - tanh_c * tanh_c);
+        /* c = c_prev * f + i * j. The sigmoid derivative f * (1 - f) multiplies c_prev first:
+         * it is exactly 0 where f saturates, which keeps a huge c_prev from making inf * 0. */
+        di[u] = dc * j * (i * (1 - i));
+        dj[u] = dc * i * (1 - j * j);
+        df[u] = dc * (c_prev[u] * (f * (1 - f)));
+        d_o[u] = d_gate_o * (o * (1 - o));
+        d_c[u] = dc * f;
+    }
+}
+
 static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, const REAL *c_prev,
                               const REAL *c_next, const REAL *d_out, const REAL *d_h, REAL *d_c,
                               REAL *dz)
@@ -129,22 +184,10 @@ static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, c
     for (int64_t row = 0; row < batch; row++) {
         const REAL *a = acts + row * g;
         REAL *d = dz + row * g;
-        for (int64_t u = 0; u < hidden; u++) {
-            const int64_t at = row * hidden + u;
-            const REAL i = a[u], j = a[hidden + u], f = a[2 * hidden + u], o = a[3 * hidden + u];
-            const REAL tanh_c = TANH(c_next[at]);
-            const REAL dh = d_out[at] + d_h[at];
-            /* h = tanh(c) * o */
-            const REAL d_o = dh * tanh_c;
-            const REAL dc = d_c[at] + dh * o * (1 - tanh_c * tanh_c);
-            /* c = c_prev * f + i * j. The sigmoid derivative f * (1 - f) multiplies c_prev first:
-             * it is exactly 0 where f saturates, which keeps a huge c_prev from making inf * 0. */
-            d[u] = dc * j * (i * (1 - i));
-            d[hidden + u] = dc * i * (1 - j * j);
-            d[2 * hidden + u] = dc * (c_prev[at] * (f * (1 - f)));
-            d[3 * hidden + u] = d_o * (o * (1 - o));
-            d_c[at] = dc * f;
-        }
+        const int64_t at = row * hidden;
+        FN(cell_backward_row)(hidden, a, a + hidden, a + 2 * hidden, a + 3 * hidden, c_prev + at,
+                              c_next + at, d_out + at, d_h + at, d_c + at, d, d + hidden,
+                              d + 2 * hidden, d + 3 * hidden);
     }
 }
 

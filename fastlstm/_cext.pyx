@@ -42,6 +42,7 @@ cdef extern from "fastlstm.h" nogil:
     void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm)
     int fl_optimizer_slots(int kind)
     int64_t fl_num_params(const fl_dims *dims)
+    void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 
     int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, float *state,
                        float *gates, float *cs, float *hs, double forget_bias, int keep_tape)
@@ -198,6 +199,17 @@ cdef int _fill_dims(fl_dims *dims, object x, object state) except -1:
     if dims.layers < 1 or dims.batch < 1 or dims.hidden < 1 or dims.steps < 1 or dims.input < 1:
         raise ValueError(f"every dimension must be at least 1, got x {x.shape} and state {state.shape}")
     return 0
+
+
+def tanh_f32(x):
+    """Return tanh of a float32 array with the kernels' own tanh (for accuracy tests)."""
+    cdef _Buffers buffers = _Buffers(cnp.NPY_FLOAT32)
+    cdef cnp.ndarray xa = buffers.check("x", x, cnp.NPY_FLOAT32, 1, -1)
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT32, 0)
+    with nogil:
+        fl_tanh_array_f32(cnp.PyArray_DIM(xa, 0), <float *>cnp.PyArray_DATA(xa),
+                          <float *>cnp.PyArray_DATA(out))
+    return out
 
 
 def forward(params, x, state, gates, cs, hs, double forget_bias, bint keep_tape):
