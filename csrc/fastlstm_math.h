@@ -75,13 +75,16 @@ static inline float fl_tanh_f32(float x)
     const uint32_t is_small = 0u - (uint32_t)(a_bits < small_limit_bits);
     const uint32_t saturated = 0u - (uint32_t)((a_bits > saturation_bits) & (a_bits <= infinity_bits));
 
-    const float a2 = a * a;
+    /* The polynomial sees 0 outside its range, so that squaring a huge |x| cannot raise the
+     * overflow flag for a value that the blend would discard. */
+    const float a_small = fl_select_f32(is_small, a, 0.0f);
+    const float a2 = a_small * a_small;
     float p = -6.356587167829275e-3f;
     p = p * a2 + 2.1127300336956978e-2f;
     p = p * a2 - 5.3865090012550354e-2f;
     p = p * a2 + 1.3332699239253998e-1f;
     p = p * a2 - 3.3333319425582886e-1f;
-    const float small = a + a * (a2 * p);
+    const float small = a_small + a_small * (a2 * p);
 
     const float clamped = fl_select_f32(saturated, 9.01f, a);   /* NaN stays NaN */
     const float e = fl_exp_small_f32(2.0f * clamped);

@@ -155,7 +155,10 @@ def _read(path):
         if str(error).startswith(path):
             raise
         raise ValueError(f"{path} is not a readable fastlstm checkpoint: {error}") from error
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, NotImplementedError,
+            RuntimeError) as error:
+        # zipfile raises NotImplementedError and RuntimeError for edited version, compression or
+        # encryption fields.
         raise ValueError(f"{path} is not a readable fastlstm checkpoint (truncated or corrupt?): "
                          f"{type(error).__name__}: {error}") from error
 
