@@ -32,6 +32,8 @@ const char *fl_status_message(int status)
         return "invalid optimizer: unknown kind, or an Adam step count below 1";
     case FL_ENOMEM:
         return "out of memory";
+    case FL_EINVAL_ID:
+        return "invalid input id: every id must be in [0, input size)";
     default:
         return "unknown fastlstm status";
     }
@@ -84,6 +86,17 @@ static int64_t fl_layer_offset(const fl_dims *dims, int64_t layer)
     const int64_t first = (dims->input + dims->hidden) * g + g;
     const int64_t later = (2 * dims->hidden) * g + g;
     return first + (layer - 1) * later;
+}
+
+/* True when each of the n ids lies in [0, input). */
+static int fl_ids_valid(int64_t n, const int64_t *ids, int64_t input)
+{
+    for (int64_t k = 0; k < n; k++) {
+        if (ids[k] < 0 || ids[k] >= input) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 int64_t fl_num_params(const fl_dims *dims)

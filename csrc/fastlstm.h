@@ -31,7 +31,8 @@ enum fl_status {
     FL_EINVAL_SIZE = 1,   /* a dimension is < 1 (or < 0 for T), or a product overflows int */
     FL_EINVAL_LABEL = 2,  /* a label is outside [0, C) */
     FL_EINVAL_OPTIMIZER = 3,
-    FL_ENOMEM = 4
+    FL_ENOMEM = 4,
+    FL_EINVAL_ID = 5      /* an input id is outside [0, I) */
 };
 
 /* Returns a static English description of a status code. */
@@ -84,6 +85,13 @@ int64_t fl_num_params(const fl_dims *dims);
 /*
  * Entry points, for float (suffix _f32) and double (_f64). Buffers, with their shapes:
  *
+ * Integer inputs: fl_forward, fl_backward, fl_step and fl_train_window take ids, either NULL (layer 0
+ *   reads x) or token ids [T, B] ([B] for fl_step) in [0, I), in which case x is not read and may be
+ *   NULL. An id stands for a one-hot row of width I, whose product with W_x is row id of W_x: the
+ *   input projection is z = b + W_x[id] and backward adds dz into row id of dW_x (dW_x[id] += dz)
+ *   and writes no input gradient, so d_x is not written and may be NULL. An id outside [0, I)
+ *   returns FL_EINVAL_ID before any buffer is written.
+ *
  * fl_forward: runs all layers over T steps.
  *   params [P] read; x [T, B, I] read; state [L, 2, B, H] read as the initial state (0 = c, 1 = h)
  *   and overwritten with the final state. Tape, written: gates [S, T, B, G] (activations i, j, f, o),
@@ -106,41 +114,44 @@ int64_t fl_num_params(const fl_dims *dims);
  *   [S, P] and head_slots [S, H * C + C] are the optimizer's state (S from fl_optimizer_slots);
  *   *loss is the mean loss before the update.
  */
-int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, float *state,
-                   float *gates, float *cs, float *hs, double forget_bias, int keep_tape);
-int fl_backward_f32(const fl_dims *dims, const float *params, const float *x, const float *gates,
-                    const float *cs, const float *hs, const float *d_y, const float *d_final_state,
-                    float *grad, float *d_state, float *d_x, float *dz, float *d_hidden);
-int fl_step_f32(const fl_dims *dims, const float *params, const float *x_t, float *state,
-                float *gates, double forget_bias);
+int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, const int64_t *ids,
+                   float *state, float *gates, float *cs, float *hs, double forget_bias,
+                   int keep_tape);
+int fl_backward_f32(const fl_dims *dims, const float *params, const float *x, const int64_t *ids,
+                    const float *gates, const float *cs, const float *hs, const float *d_y,
+                    const float *d_final_state, float *grad, float *d_state, float *d_x, float *dz,
+                    float *d_hidden);
+int fl_step_f32(const fl_dims *dims, const float *params, const float *x_t, const int64_t *ids,
+                float *state, float *gates, double forget_bias);
 int fl_softmax_xent_f32(int64_t rows, int64_t hidden, int64_t classes, const float *inputs,
                         const float *head_params, const int64_t *labels, float *probs,
                         float *d_inputs, float *head_grad, double *loss);
 int fl_train_window_f32(const fl_dims *dims, int64_t classes, float *params, float *head_params,
-                        const float *x, const int64_t *labels, float *state, float *gates,
-                        float *cs, float *hs, float *probs, float *d_y, float *grad,
+                        const float *x, const int64_t *ids, const int64_t *labels, float *state,
+                        float *gates, float *cs, float *hs, float *probs, float *d_y, float *grad,
                         float *head_grad, float *d_state, float *d_x, float *dz, float *d_hidden,
                         double forget_bias, const fl_optimizer *optimizer, float *slots,
                         float *head_slots, double *loss);
 
-int fl_forward_f64(const fl_dims *dims, const double *params, const double *x, double *state,
-                   double *gates, double *cs, double *hs, double forget_bias, int keep_tape);
-int fl_backward_f64(const fl_dims *dims, const double *params, const double *x,
+int fl_forward_f64(const fl_dims *dims, const double *params, const double *x, const int64_t *ids,
+                   double *state, double *gates, double *cs, double *hs, double forget_bias,
+                   int keep_tape);
+int fl_backward_f64(const fl_dims *dims, const double *params, const double *x, const int64_t *ids,
                     const double *gates, const double *cs, const double *hs, const double *d_y,
                     const double *d_final_state, double *grad, double *d_state, double *d_x,
                     double *dz, double *d_hidden);
-int fl_step_f64(const fl_dims *dims, const double *params, const double *x_t, double *state,
-                double *gates, double forget_bias);
+int fl_step_f64(const fl_dims *dims, const double *params, const double *x_t, const int64_t *ids,
+                double *state, double *gates, double forget_bias);
 int fl_softmax_xent_f64(int64_t rows, int64_t hidden, int64_t classes, const double *inputs,
                         const double *head_params, const int64_t *labels, double *probs,
                         double *d_inputs, double *head_grad, double *loss);
 int fl_train_window_f64(const fl_dims *dims, int64_t classes, double *params,
-                        double *head_params, const double *x, const int64_t *labels,
-                        double *state, double *gates, double *cs, double *hs, double *probs,
-                        double *d_y, double *grad, double *head_grad, double *d_state,
-                        double *d_x, double *dz, double *d_hidden, double forget_bias,
-                        const fl_optimizer *optimizer, double *slots, double *head_slots,
-                        double *loss);
+                        double *head_params, const double *x, const int64_t *ids,
+                        const int64_t *labels, double *state, double *gates, double *cs,
+                        double *hs, double *probs, double *d_y, double *grad, double *head_grad,
+                        double *d_state, double *d_x, double *dz, double *d_hidden,
+                        double forget_bias, const fl_optimizer *optimizer, double *slots,
+                        double *head_slots, double *loss);
 
 #ifdef __cplusplus
 }

@@ -203,11 +203,43 @@ static void FN(fill_rows)(int64_t rows, int64_t g, const REAL *bias, REAL *out)
     }
 }
 
-int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, REAL *state,
-                   REAL *gates, REAL *cs, REAL *hs, double forget_bias, int keep_tape)
+/* Input projection of layer 0 from token ids: out [rows, G] = b + W_x[ids[row]] for each row.
+ * ids [rows] read (already checked to lie in [0, I)); w_x [I, G] and bias [G] read. This is
+ * onehot(ids) @ W_x + b without the one-hot matrix: the product selects row id of W_x. */
+static void FN(gather_rows)(int64_t rows, int64_t g, const int64_t *ids, const REAL *w_x,
+                            const REAL *bias, REAL *out)
+{
+    for (int64_t row = 0; row < rows; row++) {
+        const REAL *restrict w_row = w_x + ids[row] * g;
+        REAL *restrict out_row = out + row * g;
+        for (int64_t col = 0; col < g; col++) {
+            out_row[col] = bias[col] + w_row[col];
+        }
+    }
+}
+
+/* Backward of gather_rows for the weights: dW_x[ids[row]] += dz[row] for each row, in row order.
+ * ids [rows] read; dz [rows, G] read; dw_x [I, G] accumulated. */
+static void FN(scatter_add_rows)(int64_t rows, int64_t g, const int64_t *ids, const REAL *dz,
+                                 REAL *dw_x)
+{
+    for (int64_t row = 0; row < rows; row++) {
+        const REAL *restrict dz_row = dz + row * g;
+        REAL *restrict dw_row = dw_x + ids[row] * g;
+        for (int64_t col = 0; col < g; col++) {
+            dw_row[col] += dz_row[col];
+        }
+    }
+}
+
+int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const int64_t *ids,
+                   REAL *state, REAL *gates, REAL *cs, REAL *hs, double forget_bias, int keep_tape)
 {
     if (!fl_dims_valid(dims)) {
         return FL_EINVAL_SIZE;
+    }
+    if (ids != NULL && !fl_ids_valid(dims->steps * dims->batch, ids, dims->input)) {
+        return FL_EINVAL_ID;
     }
     const int64_t layers = dims->layers, steps = dims->steps, batch = dims->batch;
     const int64_t hidden = dims->hidden, g = 4 * hidden;
@@ -230,9 +262,13 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, REAL 
          * keep_tape that is h itself, which the projection reads before the time loop writes it. */
         const REAL *inputs = l == 0 ? x : hs + (l - 1) * state_slot + bh;   /* [T, B, I_l] */
 
-        /* Input projection for all steps: Z = X @ W_x + b. */
-        FN(fill_rows)(rows, g, bias, z);
-        FN(gemm)(0, 0, rows, g, in, inputs, in, w_x, g, 1, z, g, in * g);
+        /* Input projection for all steps: Z = X @ W_x + b, or Z = W_x[ids] + b from token ids. */
+        if (l == 0 && ids != NULL) {
+            FN(gather_rows)(rows, g, ids, w_x, bias, z);
+        } else {
+            FN(fill_rows)(rows, g, bias, z);
+            FN(gemm)(0, 0, rows, g, in, inputs, in, w_x, g, 1, z, g, in * g);
+        }
 
         memcpy(c, state + (2 * l) * bh, (size_t)bh * sizeof(REAL));
         memcpy(h, state + (2 * l + 1) * bh, (size_t)bh * sizeof(REAL));
@@ -252,12 +288,16 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, REAL 
     return FL_OK;
 }
 
-int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, const REAL *gates,
-                    const REAL *cs, const REAL *hs, const REAL *d_y, const REAL *d_final_state,
-                    REAL *grad, REAL *d_state, REAL *d_x, REAL *dz, REAL *d_hidden)
+int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, const int64_t *ids,
+                    const REAL *gates, const REAL *cs, const REAL *hs, const REAL *d_y,
+                    const REAL *d_final_state, REAL *grad, REAL *d_state, REAL *d_x, REAL *dz,
+                    REAL *d_hidden)
 {
     if (!fl_dims_valid(dims)) {
         return FL_EINVAL_SIZE;
+    }
+    if (ids != NULL && !fl_ids_valid(dims->steps * dims->batch, ids, dims->input)) {
+        return FL_EINVAL_ID;
     }
     const int64_t layers = dims->layers, steps = dims->steps, batch = dims->batch;
     const int64_t hidden = dims->hidden, g = 4 * hidden;
@@ -299,8 +339,13 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
         }
 
         /* Weight gradients for all steps at once. */
-        /* dW_x += X^T @ dZ */
-        FN(gemm)(1, 0, in, g, rows, inputs, in, dz, g, 1, dw_x, g, in * g);
+        if (l == 0 && ids != NULL) {
+            /* dW_x[ids] += dZ, the one-hot X^T @ dZ */
+            FN(scatter_add_rows)(rows, g, ids, dz, dw_x);
+        } else {
+            /* dW_x += X^T @ dZ */
+            FN(gemm)(1, 0, in, g, rows, inputs, in, dz, g, 1, dw_x, g, in * g);
+        }
         /* dW_h += H_prev^T @ dZ, where H_prev = h[0:T] */
         FN(gemm)(1, 0, hidden, g, rows, h, hidden, dz, g, 1, dw_h, g, hidden * g);
         /* db += sum over rows of dZ */
@@ -310,21 +355,27 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
                 d_bias[col] += dz_row[col];
             }
         }
-        /* dX = dZ @ W_x^T: the output gradient of the layer below, or d_x for layer 0. */
-        REAL *d_inputs = l == 0 ? d_x : d_hidden;
-        FN(gemm)(0, 1, rows, in, g, dz, g, w_x, g, 0, d_inputs, in, in * g);
+        /* dX = dZ @ W_x^T: the output gradient of the layer below, or d_x for layer 0. Token ids
+         * have no gradient. */
+        if (l > 0 || ids == NULL) {
+            REAL *d_inputs = l == 0 ? d_x : d_hidden;
+            FN(gemm)(0, 1, rows, in, g, dz, g, w_x, g, 0, d_inputs, in, in * g);
+        }
         d_out = d_hidden;
     }
     return FL_OK;
 }
 
-int FN(fl_step)(const fl_dims *dims, const REAL *params, const REAL *x_t, REAL *state,
-                REAL *gates, double forget_bias)
+int FN(fl_step)(const fl_dims *dims, const REAL *params, const REAL *x_t, const int64_t *ids,
+                REAL *state, REAL *gates, double forget_bias)
 {
     fl_dims one_step = *dims;
     one_step.steps = 1;
     if (!fl_dims_valid(&one_step)) {
         return FL_EINVAL_SIZE;
+    }
+    if (ids != NULL && !fl_ids_valid(dims->batch, ids, dims->input)) {
+        return FL_EINVAL_ID;
     }
     const int64_t batch = dims->batch, hidden = dims->hidden, g = 4 * hidden;
     const int64_t bh = batch * hidden;
@@ -339,9 +390,13 @@ int FN(fl_step)(const fl_dims *dims, const REAL *params, const REAL *x_t, REAL *
         REAL *h = state + (2 * l + 1) * bh;
 
         /* The same sequence of operations as fl_forward, so that T steps here equal one call there
-         * bit for bit: z = b, z += x @ W_x, z += h @ W_h, then the cell. */
-        FN(fill_rows)(batch, g, bias, gates);
-        FN(gemm)(0, 0, batch, g, in, inputs, in, w_x, g, 1, gates, g, in * g);
+         * bit for bit: z = b, z += x @ W_x (or z = b + W_x[ids]), z += h @ W_h, then the cell. */
+        if (l == 0 && ids != NULL) {
+            FN(gather_rows)(batch, g, ids, w_x, bias, gates);
+        } else {
+            FN(fill_rows)(batch, g, bias, gates);
+            FN(gemm)(0, 0, batch, g, in, inputs, in, w_x, g, 1, gates, g, in * g);
+        }
         FN(gemm)(0, 0, batch, g, hidden, h, hidden, w_h, g, 1, gates, g, hidden * g);
         FN(cell_forward)(batch, hidden, gates, c, c, h, (REAL)forget_bias);
         inputs = h;
@@ -494,10 +549,11 @@ static double FN(sum_squares)(int64_t n, const REAL *values)
 }
 
 int FN(fl_train_window)(const fl_dims *dims, int64_t classes, REAL *params, REAL *head_params,
-                        const REAL *x, const int64_t *labels, REAL *state, REAL *gates, REAL *cs,
-                        REAL *hs, REAL *probs, REAL *d_y, REAL *grad, REAL *head_grad,
-                        REAL *d_state, REAL *d_x, REAL *dz, REAL *d_hidden, double forget_bias,
-                        const fl_optimizer *optimizer, REAL *slots, REAL *head_slots, double *loss)
+                        const REAL *x, const int64_t *ids, const int64_t *labels, REAL *state,
+                        REAL *gates, REAL *cs, REAL *hs, REAL *probs, REAL *d_y, REAL *grad,
+                        REAL *head_grad, REAL *d_state, REAL *d_x, REAL *dz, REAL *d_hidden,
+                        double forget_bias, const fl_optimizer *optimizer, REAL *slots,
+                        REAL *head_slots, double *loss)
 {
     if (!fl_dims_valid(dims) || classes < 1 || dims->hidden > INT64_MAX / classes) {
         return FL_EINVAL_SIZE;
@@ -517,7 +573,7 @@ int FN(fl_train_window)(const fl_dims *dims, int64_t classes, REAL *params, REAL
     const REAL *top_outputs = hs + (dims->layers - 1) * state_slot + dims->batch * dims->hidden;
     int status;
 
-    status = FN(fl_forward)(dims, params, x, state, gates, cs, hs, forget_bias, 1);
+    status = FN(fl_forward)(dims, params, x, ids, state, gates, cs, hs, forget_bias, 1);
     if (status != FL_OK) {
         return status;
     }
@@ -530,8 +586,8 @@ int FN(fl_train_window)(const fl_dims *dims, int64_t classes, REAL *params, REAL
     }
 
     memset(grad, 0, (size_t)n_params * sizeof(REAL));
-    status = FN(fl_backward)(dims, params, x, gates, cs, hs, d_y, NULL, grad, d_state, d_x, dz,
-                             d_hidden);
+    status = FN(fl_backward)(dims, params, x, ids, gates, cs, hs, d_y, NULL, grad, d_state, d_x,
+                             dz, d_hidden);
     if (status != FL_OK) {
         return status;
     }

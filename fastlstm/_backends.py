@@ -5,7 +5,16 @@ before it calls one, so a kernel may assume: every array is C-contiguous, writea
 of one floating dtype (float32 or float64) shared with ``params``; the shapes agree as listed; outputs
 do not alias inputs. Shapes are time-major and use the letters of ``fastlstm._layout``.
 
-``forward(params, x, state, gates, cs, hs, forget_bias, keep_tape)``
+Token ids. ``forward``, ``backward``, ``step`` and ``train_window`` take an optional last argument
+``ids``: None (the default) means layer 0 reads x; otherwise ids is int64 token ids [T, B] ([B] for
+``step``), x (and ``d_x`` in ``backward`` and ``train_window``) must be None, and the input size I is
+the one implied by the length of params. An id k stands for the one-hot input e_k of width I, whose
+product with layer 0's input kernel W[:I] is row k of it, so no one-hot matrix is formed: the input
+projection is ``z = b + W[id]`` and backward adds ``dW[id] += dz`` (rows in order) and computes no
+input gradient. An id outside [0, I) raises ValueError before any buffer is written (the C core
+returns FL_EINVAL_ID, and the binding checks the ids before it calls the core).
+
+``forward(params, x, state, gates, cs, hs, forget_bias, keep_tape, ids=None)``
     params [P] read; x [T, B, I] read; state [L, 2, B, H] read as the initial state and overwritten
     with the final state. With ``keep_tape`` true the tape is gates [L, T, B, G] (activations i, j, f, o
     after their nonlinearities), cs and hs [L, T + 1, B, H] (index 0 on the time axis is the initial
@@ -14,13 +23,13 @@ do not alias inputs. Shapes are time-major and use the letters of ``fastlstm._la
     projection before its time loop overwrites hs. After the call the top layer's outputs are
     hs[-1, 1:].
 
-``backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, dz, d_hidden)``
+``backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, dz, d_hidden, ids=None)``
     Reads the tape of a ``keep_tape`` forward over the same params and x. d_y [T, B, H] read;
     d_final_state [L, 2, B, H] read, or None for zeros; grad [P] accumulated (+=, the caller zeroes
     it); d_state [L, 2, B, H] written with the gradient of the initial state; d_x [T, B, I] written;
     dz [T, B, G] and d_hidden [T, B, H] are scratch.
 
-``step(params, x_t, state, gates, forget_bias)``
+``step(params, x_t, state, gates, forget_bias, ids=None)``
     One time step through all layers: x_t [B, I] read; state [L, 2, B, H] updated in place; gates
     [B, G] scratch. The top layer's output is state[L - 1, 1] afterwards.
 
@@ -31,7 +40,7 @@ do not alias inputs. Shapes are time-major and use the letters of ``fastlstm._la
     head_grad [H * C + C] accumulated (+=). Returns the mean loss over the N rows as a float.
 
 ``train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_y, grad, head_grad,
-d_state, d_x, dz, d_hidden, forget_bias, optimizer, hyper, slots, head_slots, step)``
+d_state, d_x, dz, d_hidden, forget_bias, optimizer, hyper, slots, head_slots, step, ids=None)``
     One fused truncated-BPTT training step: forward with the tape, ``softmax_xent`` on the top
     outputs, backward, optional clipping and the optimizer update of params and head_params in place.
     x [T, B, I] and labels [T, B] int64; state [L, 2, B, H] in place (final state, as in forward);

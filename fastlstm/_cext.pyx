@@ -6,6 +6,11 @@ kernel runs, every buffer is checked: a numpy array of the kind's dtype, C-conti
 shape, writeable where written, and not overlapping any other buffer of the call that is written.
 Failures raise TypeError (dtype, type) or ValueError (shape, layout, overlap, C status codes). The GIL
 is released around every kernel call.
+
+``forward``, ``backward``, ``step`` and ``train_window`` take an optional ``ids`` argument (int64 token
+ids [T, B], or [B] for ``step``) that replaces x for layer 0; then x (and d_x) must be None, the input
+size I is read from the length of params, and every id is checked to lie in [0, I) before the kernel
+runs.
 """
 
 cimport numpy as cnp
@@ -44,43 +49,45 @@ cdef extern from "fastlstm.h" nogil:
     int64_t fl_num_params(const fl_dims *dims)
     void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 
-    int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, float *state,
-                       float *gates, float *cs, float *hs, double forget_bias, int keep_tape)
+    int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, const int64_t *ids,
+                       float *state, float *gates, float *cs, float *hs, double forget_bias,
+                       int keep_tape)
     int fl_backward_f32(const fl_dims *dims, const float *params, const float *x,
-                        const float *gates, const float *cs, const float *hs, const float *d_y,
-                        const float *d_final_state, float *grad, float *d_state, float *d_x,
-                        float *dz, float *d_hidden)
-    int fl_step_f32(const fl_dims *dims, const float *params, const float *x_t, float *state,
-                    float *gates, double forget_bias)
+                        const int64_t *ids, const float *gates, const float *cs, const float *hs,
+                        const float *d_y, const float *d_final_state, float *grad, float *d_state,
+                        float *d_x, float *dz, float *d_hidden)
+    int fl_step_f32(const fl_dims *dims, const float *params, const float *x_t, const int64_t *ids,
+                    float *state, float *gates, double forget_bias)
     int fl_softmax_xent_f32(int64_t rows, int64_t hidden, int64_t classes, const float *inputs,
                             const float *head_params, const int64_t *labels, float *probs,
                             float *d_inputs, float *head_grad, double *loss)
     int fl_train_window_f32(const fl_dims *dims, int64_t classes, float *params,
-                            float *head_params, const float *x, const int64_t *labels,
-                            float *state, float *gates, float *cs, float *hs, float *probs,
-                            float *d_y, float *grad, float *head_grad, float *d_state,
-                            float *d_x, float *dz, float *d_hidden, double forget_bias,
-                            const fl_optimizer *optimizer, float *slots, float *head_slots,
-                            double *loss)
+                            float *head_params, const float *x, const int64_t *ids,
+                            const int64_t *labels, float *state, float *gates, float *cs,
+                            float *hs, float *probs, float *d_y, float *grad, float *head_grad,
+                            float *d_state, float *d_x, float *dz, float *d_hidden,
+                            double forget_bias, const fl_optimizer *optimizer, float *slots,
+                            float *head_slots, double *loss)
 
-    int fl_forward_f64(const fl_dims *dims, const double *params, const double *x, double *state,
-                       double *gates, double *cs, double *hs, double forget_bias, int keep_tape)
+    int fl_forward_f64(const fl_dims *dims, const double *params, const double *x,
+                       const int64_t *ids, double *state, double *gates, double *cs, double *hs,
+                       double forget_bias, int keep_tape)
     int fl_backward_f64(const fl_dims *dims, const double *params, const double *x,
-                        const double *gates, const double *cs, const double *hs,
-                        const double *d_y, const double *d_final_state, double *grad,
-                        double *d_state, double *d_x, double *dz, double *d_hidden)
-    int fl_step_f64(const fl_dims *dims, const double *params, const double *x_t, double *state,
-                    double *gates, double forget_bias)
+                        const int64_t *ids, const double *gates, const double *cs,
+                        const double *hs, const double *d_y, const double *d_final_state,
+                        double *grad, double *d_state, double *d_x, double *dz, double *d_hidden)
+    int fl_step_f64(const fl_dims *dims, const double *params, const double *x_t,
+                    const int64_t *ids, double *state, double *gates, double forget_bias)
     int fl_softmax_xent_f64(int64_t rows, int64_t hidden, int64_t classes, const double *inputs,
                             const double *head_params, const int64_t *labels, double *probs,
                             double *d_inputs, double *head_grad, double *loss)
     int fl_train_window_f64(const fl_dims *dims, int64_t classes, double *params,
-                            double *head_params, const double *x, const int64_t *labels,
-                            double *state, double *gates, double *cs, double *hs, double *probs,
-                            double *d_y, double *grad, double *head_grad, double *d_state,
-                            double *d_x, double *dz, double *d_hidden, double forget_bias,
-                            const fl_optimizer *optimizer, double *slots, double *head_slots,
-                            double *loss)
+                            double *head_params, const double *x, const int64_t *ids,
+                            const int64_t *labels, double *state, double *gates, double *cs,
+                            double *hs, double *probs, double *d_y, double *grad,
+                            double *head_grad, double *d_state, double *d_x, double *dz,
+                            double *d_hidden, double forget_bias, const fl_optimizer *optimizer,
+                            double *slots, double *head_slots, double *loss)
 
 # scipy's BLAS (the library numpy and Numba users already have) for the large weight matrices.
 fl_set_blas(<fl_sgemm_fn>sgemm, <fl_dgemm_fn>dgemm)
@@ -168,6 +175,13 @@ cdef class _Buffers:
         return 0
 
 
+cdef int _input_is_none(str name, object value) except -1:
+    if value is not None:
+        raise ValueError(f"{name} must be None when ids are given (the ids replace it), got "
+                         f"{type(value).__name__}")
+    return 0
+
+
 cdef int _raise_status(int status) except -1:
     if status != FL_OK:
         raise ValueError(f"fastlstm C core: {fl_status_message(status).decode()}")
@@ -201,6 +215,53 @@ cdef int _fill_dims(fl_dims *dims, object x, object state) except -1:
     return 0
 
 
+cdef int _fill_dims_ids(fl_dims *dims, object ids, object state, object params) except -1:
+    """Read T, B from ids [T, B], L, H from state [L, 2, B, H] and I from the length of params.
+
+    With token ids there is no x to read I from; the flat vector of P elements holds
+    (I + H) G + G elements for layer 0 and 2 H G + G for each layer above, which fixes I.
+    """
+    cdef int64_t g, rest, size
+    if not isinstance(state, cnp.ndarray) or (<cnp.ndarray>state).ndim != 4:
+        raise ValueError(f"state must be a 4-dimensional numpy.ndarray [L, 2, B, H], got "
+                         f"{getattr(state, 'shape', type(state).__name__)}")
+    if not isinstance(ids, cnp.ndarray) or (<cnp.ndarray>ids).ndim != 2:
+        raise ValueError(f"ids must be a 2-dimensional numpy.ndarray [T, B], got "
+                         f"{getattr(ids, 'shape', type(ids).__name__)}")
+    dims.layers = state.shape[0]
+    dims.batch = state.shape[2]
+    dims.hidden = state.shape[3]
+    dims.steps = ids.shape[0]
+    if dims.layers < 1 or dims.batch < 1 or dims.hidden < 1 or dims.steps < 1:
+        raise ValueError(f"every dimension must be at least 1, got ids {ids.shape} and state {state.shape}")
+    if ids.shape[1] != dims.batch:
+        raise ValueError(f"ids must have shape (T, {dims.batch}) to match state's batch, got {ids.shape}")
+    g = 4 * dims.hidden
+    size = params.shape[0]
+    rest = size - g - (dims.layers - 1) * (2 * dims.hidden * g + g)
+    if rest < (1 + dims.hidden) * g or rest % g != 0:
+        raise ValueError(f"params of length {size} does not fit any input size for {dims.layers} layers "
+                         f"of {dims.hidden} units")
+    dims.input = rest // g - dims.hidden
+    return 0
+
+
+cdef cnp.ndarray _check_ids(_Buffers buffers, object ids, int64_t input_size, int ndim, int64_t d0,
+                            int64_t d1=-1):
+    """Check token ids: int64, C-contiguous, of the shape given, every value in [0, input_size)."""
+    cdef cnp.ndarray ia = buffers.check("ids", ids, cnp.NPY_INT64, ndim, d0, d1)
+    cdef int64_t *values = <int64_t *>cnp.PyArray_DATA(ia)
+    cdef int64_t n = cnp.PyArray_SIZE(ia), k, bad = -1
+    with nogil:
+        for k in range(n):
+            if values[k] < 0 or values[k] >= input_size:
+                bad = k
+                break
+    if bad >= 0:
+        raise ValueError(f"ids must be in [0, {input_size}) (the model's input size), got {values[bad]}")
+    return ia
+
+
 def tanh_f32(x):
     """Return tanh of a float32 array with the kernels' own tanh (for accuracy tests)."""
     cdef _Buffers buffers = _Buffers(cnp.NPY_FLOAT32)
@@ -212,17 +273,31 @@ def tanh_f32(x):
     return out
 
 
-def forward(params, x, state, gates, cs, hs, double forget_bias, bint keep_tape):
-    """Run all layers over x [T, B, I] and update state [L, 2, B, H]; see ``fastlstm._backends``."""
+def forward(params, x, state, gates, cs, hs, double forget_bias, bint keep_tape, ids=None):
+    """Run all layers over x [T, B, I] (or ids [T, B]) and update state [L, 2, B, H].
+
+    See ``fastlstm._backends``; with ``ids``, x must be None.
+    """
     cdef fl_dims dims
     cdef int typenum = _float_typenum(params)
     cdef int status
-    _fill_dims(&dims, x, state)
+    if ids is None:
+        _fill_dims(&dims, x, state)
+    else:
+        _input_is_none("x", x)
+        _fill_dims_ids(&dims, ids, state, params)
     cdef int64_t slots = dims.layers if keep_tape else 1
     cdef int64_t g = 4 * dims.hidden
     cdef _Buffers buffers = _Buffers(typenum)
     cdef cnp.ndarray p = buffers.check("params", params, typenum, 1, fl_num_params(&dims))
-    cdef cnp.ndarray xa = buffers.check("x", x, typenum, 3, dims.steps, dims.batch, dims.input)
+    cdef cnp.ndarray xa = None
+    cdef cnp.ndarray ia = None
+    if ids is None:
+        xa = buffers.check("x", x, typenum, 3, dims.steps, dims.batch, dims.input)
+    else:
+        ia = _check_ids(buffers, ids, dims.input, 2, dims.steps, dims.batch)
+    cdef void *x_data = NULL if xa is None else cnp.PyArray_DATA(xa)
+    cdef int64_t *id_data = NULL if ia is None else <int64_t *>cnp.PyArray_DATA(ia)
     cdef cnp.ndarray s = buffers.check_out("state", state, typenum, 4, dims.layers, 2, dims.batch,
                                        dims.hidden)
     cdef cnp.ndarray ga = buffers.check_out("gates", gates, typenum, 4, slots, dims.steps, dims.batch, g)
@@ -233,29 +308,44 @@ def forward(params, x, state, gates, cs, hs, double forget_bias, bint keep_tape)
     buffers.check_overlap()
     if typenum == cnp.NPY_FLOAT32:
         with nogil:
-            status = fl_forward_f32(&dims, <float *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(xa),
+            status = fl_forward_f32(&dims, <float *>cnp.PyArray_DATA(p), <float *>x_data, id_data,
                                     <float *>cnp.PyArray_DATA(s), <float *>cnp.PyArray_DATA(ga),
                                     <float *>cnp.PyArray_DATA(ca), <float *>cnp.PyArray_DATA(ha),
                                     forget_bias, keep_tape)
     else:
         with nogil:
-            status = fl_forward_f64(&dims, <double *>cnp.PyArray_DATA(p), <double *>cnp.PyArray_DATA(xa),
+            status = fl_forward_f64(&dims, <double *>cnp.PyArray_DATA(p), <double *>x_data, id_data,
                                     <double *>cnp.PyArray_DATA(s), <double *>cnp.PyArray_DATA(ga),
                                     <double *>cnp.PyArray_DATA(ca), <double *>cnp.PyArray_DATA(ha),
                                     forget_bias, keep_tape)
     _raise_status(status)
 
 
-def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, dz, d_hidden):
-    """Back-propagate through a keep_tape forward's tape; see ``fastlstm._backends``."""
+def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, dz, d_hidden, ids=None):
+    """Back-propagate through a keep_tape forward's tape; see ``fastlstm._backends``.
+
+    With ``ids`` [T, B], x and d_x must be None: token ids have no gradient.
+    """
     cdef fl_dims dims
     cdef int typenum = _float_typenum(params)
     cdef int status
-    _fill_dims(&dims, x, d_state)
+    if ids is None:
+        _fill_dims(&dims, x, d_state)
+    else:
+        _input_is_none("x", x)
+        _input_is_none("d_x", d_x)
+        _fill_dims_ids(&dims, ids, d_state, params)
     cdef int64_t g = 4 * dims.hidden
     cdef _Buffers buffers = _Buffers(typenum)
     cdef cnp.ndarray p = buffers.check("params", params, typenum, 1, fl_num_params(&dims))
-    cdef cnp.ndarray xa = buffers.check("x", x, typenum, 3, dims.steps, dims.batch, dims.input)
+    cdef cnp.ndarray xa = None
+    cdef cnp.ndarray ia = None
+    if ids is None:
+        xa = buffers.check("x", x, typenum, 3, dims.steps, dims.batch, dims.input)
+    else:
+        ia = _check_ids(buffers, ids, dims.input, 2, dims.steps, dims.batch)
+    cdef void *x_data = NULL if xa is None else cnp.PyArray_DATA(xa)
+    cdef int64_t *id_data = NULL if ia is None else <int64_t *>cnp.PyArray_DATA(ia)
     cdef cnp.ndarray ga = buffers.check("gates", gates, typenum, 4, dims.layers, dims.steps, dims.batch, g)
     cdef cnp.ndarray ca = buffers.check("cs", cs, typenum, 4, dims.layers, dims.steps + 1, dims.batch,
                                         dims.hidden)
@@ -269,7 +359,10 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
     cdef cnp.ndarray gr = buffers.check_out("grad", grad, typenum, 1, fl_num_params(&dims))
     cdef cnp.ndarray dsa = buffers.check_out("d_state", d_state, typenum, 4, dims.layers, 2, dims.batch,
                                          dims.hidden)
-    cdef cnp.ndarray dxa = buffers.check_out("d_x", d_x, typenum, 3, dims.steps, dims.batch, dims.input)
+    cdef cnp.ndarray dxa = None
+    if ids is None:
+        dxa = buffers.check_out("d_x", d_x, typenum, 3, dims.steps, dims.batch, dims.input)
+    cdef void *d_x_data = NULL if dxa is None else cnp.PyArray_DATA(dxa)
     cdef cnp.ndarray dza = buffers.check_out("dz", dz, typenum, 3, dims.steps, dims.batch, g)
     cdef cnp.ndarray dha = buffers.check_out("d_hidden", d_hidden, typenum, 3, dims.steps, dims.batch,
                                          dims.hidden)
@@ -277,47 +370,61 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
     cdef void *d_final = NULL if dfa is None else cnp.PyArray_DATA(dfa)
     if typenum == cnp.NPY_FLOAT32:
         with nogil:
-            status = fl_backward_f32(&dims, <float *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(xa),
+            status = fl_backward_f32(&dims, <float *>cnp.PyArray_DATA(p), <float *>x_data, id_data,
                                      <float *>cnp.PyArray_DATA(ga), <float *>cnp.PyArray_DATA(ca),
                                      <float *>cnp.PyArray_DATA(ha), <float *>cnp.PyArray_DATA(dya),
                                      <float *>d_final, <float *>cnp.PyArray_DATA(gr),
-                                     <float *>cnp.PyArray_DATA(dsa), <float *>cnp.PyArray_DATA(dxa),
+                                     <float *>cnp.PyArray_DATA(dsa), <float *>d_x_data,
                                      <float *>cnp.PyArray_DATA(dza), <float *>cnp.PyArray_DATA(dha))
     else:
         with nogil:
-            status = fl_backward_f64(&dims, <double *>cnp.PyArray_DATA(p), <double *>cnp.PyArray_DATA(xa),
+            status = fl_backward_f64(&dims, <double *>cnp.PyArray_DATA(p), <double *>x_data, id_data,
                                      <double *>cnp.PyArray_DATA(ga), <double *>cnp.PyArray_DATA(ca),
                                      <double *>cnp.PyArray_DATA(ha), <double *>cnp.PyArray_DATA(dya),
                                      <double *>d_final, <double *>cnp.PyArray_DATA(gr),
-                                     <double *>cnp.PyArray_DATA(dsa), <double *>cnp.PyArray_DATA(dxa),
+                                     <double *>cnp.PyArray_DATA(dsa), <double *>d_x_data,
                                      <double *>cnp.PyArray_DATA(dza), <double *>cnp.PyArray_DATA(dha))
     _raise_status(status)
 
 
-def step(params, x_t, state, gates, double forget_bias):
-    """Advance all layers by one step from x_t [B, I]; see ``fastlstm._backends``."""
+def step(params, x_t, state, gates, double forget_bias, ids=None):
+    """Advance all layers by one step from x_t [B, I] (or ids [B]); see ``fastlstm._backends``."""
     cdef fl_dims dims
     cdef int typenum = _float_typenum(params)
     cdef int status
-    if not isinstance(x_t, cnp.ndarray) or (<cnp.ndarray>x_t).ndim != 2:
-        raise ValueError(f"x_t must be a 2-dimensional numpy.ndarray [B, I], got "
-                         f"{getattr(x_t, 'shape', type(x_t).__name__)}")
-    _fill_dims(&dims, x_t[None], state)
+    if ids is None:
+        if not isinstance(x_t, cnp.ndarray) or (<cnp.ndarray>x_t).ndim != 2:
+            raise ValueError(f"x_t must be a 2-dimensional numpy.ndarray [B, I], got "
+                             f"{getattr(x_t, 'shape', type(x_t).__name__)}")
+        _fill_dims(&dims, x_t[None], state)
+    else:
+        _input_is_none("x_t", x_t)
+        if not isinstance(ids, cnp.ndarray) or (<cnp.ndarray>ids).ndim != 1:
+            raise ValueError(f"ids must be a 1-dimensional numpy.ndarray [B], got "
+                             f"{getattr(ids, 'shape', type(ids).__name__)}")
+        _fill_dims_ids(&dims, ids[None], state, params)
     cdef _Buffers buffers = _Buffers(typenum)
     cdef cnp.ndarray p = buffers.check("params", params, typenum, 1, fl_num_params(&dims))
-    cdef cnp.ndarray xa = buffers.check("x_t", x_t, typenum, 2, dims.batch, dims.input)
+    cdef cnp.ndarray xa = None
+    cdef cnp.ndarray ia = None
+    if ids is None:
+        xa = buffers.check("x_t", x_t, typenum, 2, dims.batch, dims.input)
+    else:
+        ia = _check_ids(buffers, ids, dims.input, 1, dims.batch)
+    cdef void *x_data = NULL if xa is None else cnp.PyArray_DATA(xa)
+    cdef int64_t *id_data = NULL if ia is None else <int64_t *>cnp.PyArray_DATA(ia)
     cdef cnp.ndarray s = buffers.check_out("state", state, typenum, 4, dims.layers, 2, dims.batch,
                                        dims.hidden)
     cdef cnp.ndarray ga = buffers.check_out("gates", gates, typenum, 2, dims.batch, 4 * dims.hidden)
     buffers.check_overlap()
     if typenum == cnp.NPY_FLOAT32:
         with nogil:
-            status = fl_step_f32(&dims, <float *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(xa),
+            status = fl_step_f32(&dims, <float *>cnp.PyArray_DATA(p), <float *>x_data, id_data,
                                  <float *>cnp.PyArray_DATA(s), <float *>cnp.PyArray_DATA(ga),
                                  forget_bias)
     else:
         with nogil:
-            status = fl_step_f64(&dims, <double *>cnp.PyArray_DATA(p), <double *>cnp.PyArray_DATA(xa),
+            status = fl_step_f64(&dims, <double *>cnp.PyArray_DATA(p), <double *>x_data, id_data,
                                  <double *>cnp.PyArray_DATA(s), <double *>cnp.PyArray_DATA(ga),
                                  forget_bias)
     _raise_status(status)
@@ -365,14 +472,22 @@ def softmax_xent(hidden, head_params, labels, probs, d_hidden, head_grad):
 
 def train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_y, grad, head_grad,
                  d_state, d_x, dz, d_hidden, double forget_bias, int optimizer, hyper, slots,
-                 head_slots, int64_t step):
-    """One fused training step: forward, head, backward, update; see ``fastlstm._backends``."""
+                 head_slots, int64_t step, ids=None):
+    """One fused training step: forward, head, backward, update; see ``fastlstm._backends``.
+
+    With ``ids`` [T, B], x and d_x must be None.
+    """
     cdef fl_dims dims
     cdef fl_optimizer opt
     cdef int typenum = _float_typenum(params)
     cdef int status
     cdef double loss = 0.0
-    _fill_dims(&dims, x, state)
+    if ids is None:
+        _fill_dims(&dims, x, state)
+    else:
+        _input_is_none("x", x)
+        _input_is_none("d_x", d_x)
+        _fill_dims_ids(&dims, ids, state, params)
     if not isinstance(probs, cnp.ndarray) or (<cnp.ndarray>probs).ndim != 3:
         raise ValueError(f"probs must be a 3-dimensional numpy.ndarray [T, B, C], got "
                          f"{getattr(probs, 'shape', type(probs).__name__)}")
@@ -389,7 +504,14 @@ def train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_
     cdef cnp.ndarray ha_ = buffers.check("hyper", hyper, cnp.NPY_FLOAT64, 1, 5)
     cdef cnp.ndarray pa = buffers.check_out("params", params, typenum, 1, n_params)
     cdef cnp.ndarray hp = buffers.check_out("head_params", head_params, typenum, 1, n_head)
-    cdef cnp.ndarray xa = buffers.check("x", x, typenum, 3, dims.steps, dims.batch, dims.input)
+    cdef cnp.ndarray xa = None
+    cdef cnp.ndarray ia = None
+    if ids is None:
+        xa = buffers.check("x", x, typenum, 3, dims.steps, dims.batch, dims.input)
+    else:
+        ia = _check_ids(buffers, ids, dims.input, 2, dims.steps, dims.batch)
+    cdef void *x_data = NULL if xa is None else cnp.PyArray_DATA(xa)
+    cdef int64_t *id_data = NULL if ia is None else <int64_t *>cnp.PyArray_DATA(ia)
     cdef cnp.ndarray la = buffers.check("labels", labels, cnp.NPY_INT64, 2, dims.steps, dims.batch)
     cdef cnp.ndarray sa = buffers.check_out("state", state, typenum, 4, dims.layers, 2, dims.batch,
                                         dims.hidden)
@@ -404,7 +526,10 @@ def train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_
     cdef cnp.ndarray hg = buffers.check_out("head_grad", head_grad, typenum, 1, n_head)
     cdef cnp.ndarray dsa = buffers.check_out("d_state", d_state, typenum, 4, dims.layers, 2, dims.batch,
                                          dims.hidden)
-    cdef cnp.ndarray dxa = buffers.check_out("d_x", d_x, typenum, 3, dims.steps, dims.batch, dims.input)
+    cdef cnp.ndarray dxa = None
+    if ids is None:
+        dxa = buffers.check_out("d_x", d_x, typenum, 3, dims.steps, dims.batch, dims.input)
+    cdef void *d_x_data = NULL if dxa is None else cnp.PyArray_DATA(dxa)
     cdef cnp.ndarray dza = buffers.check_out("dz", dz, typenum, 3, dims.steps, dims.batch, g)
     cdef cnp.ndarray dha = buffers.check_out("d_hidden", d_hidden, typenum, 3, dims.steps, dims.batch,
                                          dims.hidden)
@@ -423,24 +548,24 @@ def train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_
         with nogil:
             status = fl_train_window_f32(
                 &dims, classes, <float *>cnp.PyArray_DATA(pa), <float *>cnp.PyArray_DATA(hp),
-                <float *>cnp.PyArray_DATA(xa), <int64_t *>cnp.PyArray_DATA(la),
+                <float *>x_data, id_data, <int64_t *>cnp.PyArray_DATA(la),
                 <float *>cnp.PyArray_DATA(sa), <float *>cnp.PyArray_DATA(ga),
                 <float *>cnp.PyArray_DATA(ca), <float *>cnp.PyArray_DATA(hsa),
                 <float *>cnp.PyArray_DATA(pra), <float *>cnp.PyArray_DATA(dya),
                 <float *>cnp.PyArray_DATA(gr), <float *>cnp.PyArray_DATA(hg),
-                <float *>cnp.PyArray_DATA(dsa), <float *>cnp.PyArray_DATA(dxa),
+                <float *>cnp.PyArray_DATA(dsa), <float *>d_x_data,
                 <float *>cnp.PyArray_DATA(dza), <float *>cnp.PyArray_DATA(dha), forget_bias, &opt,
                 <float *>cnp.PyArray_DATA(sl), <float *>cnp.PyArray_DATA(hsl), &loss)
     else:
         with nogil:
             status = fl_train_window_f64(
                 &dims, classes, <double *>cnp.PyArray_DATA(pa), <double *>cnp.PyArray_DATA(hp),
-                <double *>cnp.PyArray_DATA(xa), <int64_t *>cnp.PyArray_DATA(la),
+                <double *>x_data, id_data, <int64_t *>cnp.PyArray_DATA(la),
                 <double *>cnp.PyArray_DATA(sa), <double *>cnp.PyArray_DATA(ga),
                 <double *>cnp.PyArray_DATA(ca), <double *>cnp.PyArray_DATA(hsa),
                 <double *>cnp.PyArray_DATA(pra), <double *>cnp.PyArray_DATA(dya),
                 <double *>cnp.PyArray_DATA(gr), <double *>cnp.PyArray_DATA(hg),
-                <double *>cnp.PyArray_DATA(dsa), <double *>cnp.PyArray_DATA(dxa),
+                <double *>cnp.PyArray_DATA(dsa), <double *>d_x_data,
                 <double *>cnp.PyArray_DATA(dza), <double *>cnp.PyArray_DATA(dha), forget_bias, &opt,
                 <double *>cnp.PyArray_DATA(sl), <double *>cnp.PyArray_DATA(hsl), &loss)
     _raise_status(status)

@@ -371,22 +371,75 @@ def _layer_start(layer, input_size, hidden_size):
     return first + (layer - 1) * (2 * hidden_size * gates + gates)
 
 
-# Entry points.
+@njit(**_JIT_OPTIONS)
+def _input_size_from_params(num_params, num_layers, hidden_size):
+    # I from the length of the flat vector: (I + H) G + G for layer 0, 2 H G + G per layer above.
+    gates = 4 * hidden_size
+    rest = num_params - gates - (num_layers - 1) * (2 * hidden_size * gates + gates)
+    return rest // gates - hidden_size
 
 
 @njit(**_JIT_OPTIONS)
-def forward(params, x, state, gates, cs, hs, forget_bias, keep_tape):
+def _check_ids(ids, input_size):
+    # Raise ValueError unless every id lies in [0, I), before any buffer is written.
+    flat = ids.reshape(ids.size)
+    for k in range(flat.shape[0]):
+        if flat[k] < 0 or flat[k] >= input_size:
+            raise ValueError("ids must be in [0, I), where I is the model's input size")
+
+
+@njit(**_JIT_OPTIONS)
+def _gather_rows(ids, w, bias, out):
+    """out = w[ids] + bias, the product onehot(ids) @ w + bias without the one-hot matrix.
+
+    ids [M] int64 read (in [0, K)); w [K, N] read; bias [N] read; out [M, N] written.
+    """
+    rows = ids.shape[0]
+    cols = w.shape[1]
+    for r in range(rows):
+        row = ids[r]
+        for n in range(cols):
+            out[r, n] = bias[n] + w[row, n]
+
+
+@njit(**_JIT_OPTIONS)
+def _scatter_add_rows(ids, dz, d_w):
+    """d_w[ids] += dz row by row, in row order: onehot(ids).T @ dz.
+
+    ids [M] int64 read; dz [M, N] read; d_w [K, N] accumulated.
+    """
+    rows, cols = dz.shape
+    for r in range(rows):
+        row = ids[r]
+        for n in range(cols):
+            d_w[row, n] += dz[r, n]
+
+
+# Entry points. Each takes an optional ``ids`` argument: int64 token ids [T, B] ([B] for ``step``) that
+# replace x for layer 0, in which case x (and d_x) are None and I is read from the length of params.
+# Numba compiles the ids and the x variant separately. It prunes a branch only when its test compares
+# an argument that is None (or omitted) with None, so the two variants sit in separate
+# ``if x is not None`` and ``if ids is not None`` blocks rather than in one if/else, and the sizes are
+# read from arrays that both variants have.
+
+
+@njit(**_JIT_OPTIONS)
+def forward(params, x, state, gates, cs, hs, forget_bias, keep_tape, ids=None):
     """Run all layers over x and leave the final state in ``state``.
 
-    params [P] read; x [T, B, I] read; state [L, 2, B, H] read as the initial state, then overwritten
-    with the final state. gates [S, T, B, G], cs and hs [S, T + 1, B, H] written, where S = L with
-    ``keep_tape`` (the tape for backward) and S = 1 without, in which case every layer uses slot 0.
-    The top layer's outputs end up in hs[-1, 1:].
+    params [P] read; x [T, B, I] read, or None with ids [T, B] int64 read (z = W[ids] + b for layer 0;
+    ValueError for an id outside [0, I) before anything is written); state [L, 2, B, H] read as the
+    initial state, then overwritten with the final state. gates [S, T, B, G], cs and hs [S, T + 1, B, H]
+    written, where S = L with ``keep_tape`` (the tape for backward) and S = 1 without, in which case
+    every layer uses slot 0. The top layer's outputs end up in hs[-1, 1:].
     """
-    steps, batch, input_size = x.shape
     num_layers = state.shape[0]
     hidden = state.shape[3]
     num_gates = 4 * hidden
+    steps, batch = gates.shape[1], gates.shape[2]
+    input_size = _input_size_from_params(params.shape[0], num_layers, hidden)
+    if ids is not None:
+        _check_ids(ids, input_size)
     coefficients = _gate_coefficients(hidden, forget_bias, params)
     recurrent_scratch = np.empty((batch if _use_blas(hidden, num_gates) else 0, num_gates),
                                  dtype=params.dtype)
@@ -405,7 +458,10 @@ def forward(params, x, state, gates, cs, hs, forget_bias, keep_tape):
         # reads its input from slot 0 here, before the time loop overwrites it.
         z_rows = z.reshape((steps * batch, num_gates))
         if layer == 0:
-            _matmul_bias(x.reshape((steps * batch, input_size)), kernel[:layer_input], bias, z_rows)
+            if x is not None:
+                _matmul_bias(x.reshape((steps * batch, input_size)), kernel[:layer_input], bias, z_rows)
+            if ids is not None:
+                _gather_rows(ids.reshape(steps * batch), kernel[:layer_input], bias, z_rows)
         else:
             _matmul_bias(hs[below, 1:].reshape((steps * batch, hidden)), kernel[:layer_input], bias,
                          z_rows)
@@ -422,20 +478,24 @@ def forward(params, x, state, gates, cs, hs, forget_bias, keep_tape):
 
 
 @njit(**_JIT_OPTIONS)
-def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, dz, d_hidden):
+def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, dz, d_hidden, ids=None):
     """Back-propagate through the tape of ``forward(..., keep_tape=True)``, top layer first.
 
-    params [P] read; x [T, B, I] read; gates [L, T, B, G], cs and hs [L, T + 1, B, H] read (the tape);
-    d_y [T, B, H] read (gradient of the top outputs); d_final_state [L, 2, B, H] read, or None for
-    zeros; grad [P] accumulated (+=, the caller zeroes it); d_state [L, 2, B, H] written with the
-    gradient of the initial state, and used as the running (dc, dh) carry; d_x [T, B, I] written;
-    dz [T, B, G] scratch (one layer's pre-activation gradients); d_hidden [T, B, H] scratch (the
-    output gradient handed from a layer to the one below).
+    params [P] read; x [T, B, I] read, or None with ids [T, B] int64 read (then dW[ids] += dz for
+    layer 0's input rows, and d_x is None because ids have no gradient); gates [L, T, B, G], cs and
+    hs [L, T + 1, B, H] read (the tape); d_y [T, B, H] read (gradient of the top outputs);
+    d_final_state [L, 2, B, H] read, or None for zeros; grad [P] accumulated (+=, the caller zeroes
+    it); d_state [L, 2, B, H] written with the gradient of the initial state, and used as the running
+    (dc, dh) carry; d_x [T, B, I] written; dz [T, B, G] scratch (one layer's pre-activation
+    gradients); d_hidden [T, B, H] scratch (the output gradient handed from a layer to the one below).
     """
-    steps, batch, input_size = x.shape
     num_layers = gates.shape[0]
     hidden = hs.shape[3]
     num_gates = 4 * hidden
+    steps, batch = gates.shape[1], gates.shape[2]
+    input_size = _input_size_from_params(params.shape[0], num_layers, hidden)
+    if ids is not None:
+        _check_ids(ids, input_size)
     dz_rows = dz.reshape((steps * batch, num_gates))
     tanh_c = np.empty((batch, hidden), dtype=params.dtype)
 
@@ -468,7 +528,10 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
         # Weight gradients for all steps: dW[:I_l] += X.T @ dZ, dW[I_l:] += H_prev.T @ dZ,
         # db += dZ summed over rows.
         if layer == 0:
-            _add_weight_gradient(x.reshape((steps * batch, input_size)), dz_rows, d_kernel[:layer_input])
+            if x is not None:
+                _add_weight_gradient(x.reshape((steps * batch, input_size)), dz_rows, d_kernel[:layer_input])
+            if ids is not None:
+                _scatter_add_rows(ids.reshape(steps * batch), dz_rows, d_kernel[:layer_input])
         else:
             _add_weight_gradient(hs[layer - 1, 1:].reshape((steps * batch, hidden)), dz_rows,
                                  d_kernel[:layer_input])
@@ -476,24 +539,29 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
                              d_kernel[layer_input:])
         _add_column_sums(dz_rows, d_bias)
 
-        # Input gradient dX = dZ @ W[:I_l].T: the output gradient of the layer below, or d_x.
+        # Input gradient dX = dZ @ W[:I_l].T: the output gradient of the layer below, or d_x. Token
+        # ids have none.
         if layer == 0:
-            _matmul_transposed(dz_rows, kernel[:layer_input], d_x.reshape((steps * batch, input_size)))
+            if d_x is not None:
+                _matmul_transposed(dz_rows, kernel[:layer_input], d_x.reshape((steps * batch, input_size)))
         else:
             _matmul_transposed(dz_rows, kernel[:layer_input], d_hidden.reshape((steps * batch, hidden)))
 
 
 @njit(**_JIT_OPTIONS)
-def step(params, x_t, state, gates, forget_bias):
+def step(params, x_t, state, gates, forget_bias, ids=None):
     """Advance every layer by one time step, updating ``state`` in place.
 
-    params [P] read; x_t [B, I] read; state [L, 2, B, H] read and overwritten; gates [B, G] scratch.
-    The top layer's output is state[L - 1, 1] afterwards.
+    params [P] read; x_t [B, I] read, or None with ids [B] int64 read; state [L, 2, B, H] read and
+    overwritten; gates [B, G] scratch. The top layer's output is state[L - 1, 1] afterwards.
     """
-    batch, input_size = x_t.shape
     num_layers = state.shape[0]
     hidden = state.shape[3]
     num_gates = 4 * hidden
+    batch = state.shape[2]
+    input_size = _input_size_from_params(params.shape[0], num_layers, hidden)
+    if ids is not None:
+        _check_ids(ids, input_size)
     coefficients = _gate_coefficients(hidden, forget_bias, params)
     recurrent_scratch = np.empty((batch if _use_blas(hidden, num_gates) else 0, num_gates),
                                  dtype=params.dtype)
@@ -506,7 +574,10 @@ def step(params, x_t, state, gates, forget_bias):
         bias = params[bias_start:bias_start + num_gates]
         # z = [x_t, h_{t-1}] @ W + b, where x_t of layer l > 0 is the new h of layer l - 1.
         if layer == 0:
-            _matmul_bias(x_t, kernel[:layer_input], bias, gates)
+            if x_t is not None:
+                _matmul_bias(x_t, kernel[:layer_input], bias, gates)
+            if ids is not None:
+                _gather_rows(ids, kernel[:layer_input], bias, gates)
         else:
             _matmul_bias(state[layer - 1, 1], kernel[:layer_input], bias, gates)
         _matmul_add(state[layer, 1], kernel[layer_input:], gates, recurrent_scratch)
@@ -616,8 +687,11 @@ def _apply_update(weights, grad, slots, optimizer, hyper, update_count, scale):
 
 @njit(**_JIT_OPTIONS)
 def train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_y, grad, head_grad,
-                 d_state, d_x, dz, d_hidden, forget_bias, optimizer, hyper, slots, head_slots, step):
+                 d_state, d_x, dz, d_hidden, forget_bias, optimizer, hyper, slots, head_slots, step,
+                 ids=None):
     """Run one truncated-BPTT training step in place; return the window's mean loss.
+
+    With ids [T, B] int64 instead of x (x and d_x None), layer 0 reads token ids as in ``forward``.
 
     Forward with the tape, ``softmax_xent`` on the top outputs, backward, optional clipping by global
     norm, and the optimizer update of params and head_params. x [T, B, I] and labels [T, B] int64
@@ -628,20 +702,26 @@ def train_window(params, head_params, x, labels, state, gates, cs, hs, probs, d_
     epsilon, clip_norm], no clipping when clip_norm <= 0; slots [S, P] and head_slots
     [S, H * C + C] read and written; step is Adam's update count including this one.
     """
-    steps, batch, _ = x.shape
+    steps, batch = labels.shape
     num_layers = state.shape[0]
     hidden = state.shape[3]
     classes = probs.shape[2]
     rows = steps * batch
 
-    forward(params, x, state, gates, cs, hs, forget_bias, True)
+    if x is not None:
+        forward(params, x, state, gates, cs, hs, forget_bias, True)
+    if ids is not None:
+        forward(params, None, state, gates, cs, hs, forget_bias, True, ids)
 
     head_grad[:] = 0.0
     loss = softmax_xent(hs[num_layers - 1, 1:].reshape((rows, hidden)), head_params, labels.reshape(rows),
                         probs.reshape((rows, classes)), d_y.reshape((rows, hidden)), head_grad)
 
     grad[:] = 0.0
-    backward(params, x, gates, cs, hs, d_y, None, grad, d_state, d_x, dz, d_hidden)
+    if x is not None:
+        backward(params, x, gates, cs, hs, d_y, None, grad, d_state, d_x, dz, d_hidden)
+    if ids is not None:
+        backward(params, None, gates, cs, hs, d_y, None, grad, d_state, None, dz, d_hidden, ids)
 
     # TensorFlow's clip_by_global_norm: scale = clip_norm / max(global_norm, clip_norm).
     scale = 1.0

@@ -1,4 +1,10 @@
-"""The multi-layer LSTM model: parameters, state buffers, forward, backward and streaming steps."""
+"""The multi-layer LSTM model: parameters, state buffers, forward, backward and streaming steps.
+
+Inputs are either float vectors x [..., I] or integer token ids in [0, I). An id stands for the
+one-hot vector of width I, and the one-hot row times layer 0's input kernel W[:I] is row id of that
+kernel, so the kernels gather rows (z = b + W[id]) instead of multiplying a one-hot matrix, and
+backward adds the gate gradients into those rows (dW[id] += dz). Ids have no input gradient.
+"""
 
 import threading
 
@@ -15,11 +21,19 @@ class Tape:
     gates [L, T, B, G] holds the gate activations i, j, f, o; cs and hs [L, T + 1, B, H] hold the cell
     and hidden states, with the initial state at time index 0. ``x`` is the time-major input [T, B, I].
     A tape is tied to one (T, B) and can be passed back to ``LSTM.forward(tape=...)`` to be reused.
+    A tape of a forward over token ids (``ids=True``) holds ``ids`` [T, B] int64 and has ``x = None``;
+    one over float inputs has ``ids = None``.
     """
 
-    def __init__(self, num_layers, steps, batch_size, input_size, hidden_size, dtype):
+    def __init__(self, num_layers, steps, batch_size, input_size, hidden_size, dtype, *, ids=False):
         gates = 4 * hidden_size
-        self.x = np.empty((steps, batch_size, input_size), dtype=dtype)
+        if ids:
+            self.x = None
+            self.ids = np.empty((steps, batch_size), dtype=np.int64)
+        else:
+            self.x = np.empty((steps, batch_size, input_size), dtype=dtype)
+            self.ids = None
+        self.input_size = input_size
         self.gates = np.empty((num_layers, steps, batch_size, gates), dtype=dtype)
         self.cs = np.empty((num_layers, steps + 1, batch_size, hidden_size), dtype=dtype)
         self.hs = np.empty((num_layers, steps + 1, batch_size, hidden_size), dtype=dtype)
@@ -45,6 +59,7 @@ class Gradients:
 
     ``params`` has the layout of ``LSTM.params`` and accumulates across calls that pass ``grads=``;
     ``initial_state`` [L, 2, B, H] and ``inputs`` (shaped like the forward's x) are overwritten.
+    ``inputs`` is None after a forward over token ids, which have no gradient.
     """
 
     def __init__(self, params, initial_state, inputs):
@@ -123,6 +138,34 @@ class LSTM:
         _, bias_start, end = self._offsets[self._check_layer(layer)]
         return self._params[bias_start:end]
 
+    def layer_model(self, layer):
+        """Return a one-layer ``LSTM`` whose parameters are a view of ``layer``'s part of ``params``.
+
+        Its input size is I for layer 0 and H above. Writes through either model change both, so
+        layers can be run one at a time (for example with dropout between them) while the
+        parameters stay in this model's flat vector. The gradient of that layer is the same slice
+        of a gradient vector of this model's layout: ``grad[start:end]`` with ``(start, end) =
+        model.layer_slice(layer)``.
+        """
+        layer = self._check_layer(layer)
+        single = LSTM.__new__(LSTM)
+        single.input_size = layer_input_size(layer, self.input_size, self.hidden_size)
+        single.hidden_size = self.hidden_size
+        single.num_layers = 1
+        single.forget_bias = self.forget_bias
+        single.dtype = self.dtype
+        single.backend, single._kernels = self.backend, self._kernels
+        single._offsets = layer_offsets(single.input_size, self.hidden_size, 1)
+        start, end = self.layer_slice(layer)
+        single._params = self._params[start:end]
+        single._scratch = threading.local()
+        return single
+
+    def layer_slice(self, layer):
+        """Return ``(start, end)``: where ``layer``'s kernel and bias lie in the flat vector."""
+        start, _, end = self._offsets[self._check_layer(layer)]
+        return start, end
+
     def _check_layer(self, layer):
         if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)) \
                 or not 0 <= layer < self.num_layers:
@@ -159,38 +202,65 @@ class LSTM:
             x = np.ascontiguousarray(x.transpose(1, 0, 2))
         return x
 
+    def _time_major_ids(self, ids, time_major):
+        # Integer ids [B, T] (or [T, B]) -> C-contiguous int64 [T, B], every value in [0, I).
+        if ids.ndim != 2:
+            _reject_integer_rank("x", ids, "[T, B]" if time_major else "[B, T]")
+        batch_axis = 1 if time_major else 0
+        if ids.shape[batch_axis] < 1:
+            raise ValueError(f"x must have a batch of at least 1 on axis {batch_axis}, got shape {ids.shape}")
+        _check_id_range("x", ids, self.input_size)
+        return np.ascontiguousarray(ids if time_major else ids.T, dtype=np.int64)
+
     def forward(self, x, state, *, time_major=False, keep_tape=False, tape=None):
         """Run all layers over x and update ``state`` in place with the final state.
 
         x is [B, T, I] (or [T, B, I] with ``time_major=True``) of float32 or float64, converted to the
-        model's dtype. ``state`` is a C-contiguous, writeable [L, 2, B, H] buffer of the model's dtype,
-        read as the initial state. Returns the top layer's outputs in x's major order, or
-        ``(outputs, tape)`` with ``keep_tape=True``; pass an earlier tape of the same (T, B) as ``tape``
-        to reuse its memory. With T = 0 the outputs are empty and ``state`` is left unchanged.
+        model's dtype; or token ids, an integer array [B, T] (or [T, B]) with values in [0, I) that
+        stand for one-hot inputs of width I (see the module docstring). ``state`` is a C-contiguous,
+        writeable [L, 2, B, H] buffer of the model's dtype, read as the initial state. Returns the top
+        layer's outputs in x's major order, or ``(outputs, tape)`` with ``keep_tape=True``; pass an
+        earlier tape of the same (T, B) as ``tape`` to reuse its memory. With T = 0 the outputs are
+        empty and ``state`` is left unchanged.
         """
-        xt = self._time_major_input(x, time_major)
-        steps, batch_size = xt.shape[0], xt.shape[1]
+        is_ids = _is_integer_array(x)
+        if is_ids:
+            ids = self._time_major_ids(x, time_major)
+            xt = None
+            steps, batch_size = ids.shape
+        else:
+            ids = None
+            xt = self._time_major_input(x, time_major)
+            steps, batch_size = xt.shape[0], xt.shape[1]
         self._check_state(state, batch_size)
         _checks.check_no_overlap("state", state, [("x", x)])
 
         if keep_tape:
             if tape is None:
                 tape = Tape(self.num_layers, steps, batch_size, self.input_size, self.hidden_size,
-                            self.dtype)
+                            self.dtype, ids=is_ids)
             elif not isinstance(tape, Tape) or tape.gates.shape != (self.num_layers, steps, batch_size,
                                                                     4 * self.hidden_size) \
-                    or tape.gates.dtype != self.dtype:
-                raise ValueError("tape must be a Tape from this model's forward with the same T and B")
-            tape.x[...] = xt
+                    or tape.gates.dtype != self.dtype or (tape.ids is not None) != is_ids:
+                raise ValueError("tape must be a Tape from this model's forward with the same T and B "
+                                 "and the same kind of input (float x or token ids)")
+            if is_ids:
+                tape.ids[...] = ids
+                ids = tape.ids
+            else:
+                tape.x[...] = xt
+                xt = tape.x
             tape.time_major = time_major
             gates, cs, hs = tape.gates, tape.cs, tape.hs
-            xt = tape.x
         else:
             gates = np.empty((1, steps, batch_size, 4 * self.hidden_size), dtype=self.dtype)
             cs = np.empty((1, steps + 1, batch_size, self.hidden_size), dtype=self.dtype)
             hs = np.empty((1, steps + 1, batch_size, self.hidden_size), dtype=self.dtype)
 
-        if steps > 0:
+        if steps > 0 and is_ids:
+            self._kernels.forward(self._params, None, state, gates, cs, hs, self.forget_bias,
+                                  bool(keep_tape), ids)
+        elif steps > 0:
             self._kernels.forward(self._params, xt, state, gates, cs, hs, self.forget_bias,
                                   bool(keep_tape))
         else:
@@ -215,7 +285,7 @@ class LSTM:
         if not isinstance(tape, Tape) or not tape.filled:
             raise ValueError("tape must be the Tape returned by forward(..., keep_tape=True)")
         if tape.gates.shape[0] != self.num_layers or tape.hs.shape[3] != self.hidden_size \
-                or tape.x.shape[2] != self.input_size or tape.gates.dtype != self.dtype:
+                or tape.input_size != self.input_size or tape.gates.dtype != self.dtype:
             raise ValueError("tape was recorded by a model of another shape or dtype")
         steps, batch_size = tape.steps, tape.batch_size
         d_y = _checks.check_float_input("d_outputs", d_outputs, self.dtype, 3)
@@ -233,7 +303,8 @@ class LSTM:
 
         if grads is None:
             grads = Gradients(np.zeros_like(self._params), np.empty(state_shape, dtype=self.dtype),
-                              np.empty((steps, batch_size, self.input_size), dtype=self.dtype))
+                              None if tape.ids is not None
+                              else np.empty((steps, batch_size, self.input_size), dtype=self.dtype))
             d_x = grads.inputs
         else:
             if not isinstance(grads, Gradients):
@@ -241,6 +312,19 @@ class LSTM:
             _checks.check_buffer("grads.params", grads.params, self.dtype, self._params.shape)
             _checks.check_buffer("grads.initial_state", grads.initial_state, self.dtype, state_shape)
             d_x = None
+
+        if tape.ids is not None:
+            # Token ids: dW[ids] += dZ for layer 0, and no input gradient.
+            dz = self._scratch_array("dz", (steps, batch_size, 4 * self.hidden_size))
+            d_hidden = self._scratch_array("d_hidden", (steps, batch_size, self.hidden_size))
+            if steps > 0:
+                self._kernels.backward(self._params, None, tape.gates, tape.cs, tape.hs, d_y,
+                                       d_final_state, grads.params, grads.initial_state, None, dz,
+                                       d_hidden, tape.ids)
+            else:
+                grads.initial_state[...] = 0.0 if d_final_state is None else d_final_state
+            grads.inputs = None
+            return grads
 
         if d_x is None or not tape.time_major:
             d_x = self._scratch_array("d_x", (steps, batch_size, self.input_size))
@@ -272,23 +356,57 @@ class LSTM:
     def step(self, x_t, state, out=None):
         """Advance every layer by one time step and update ``state`` in place.
 
-        x_t is [B, I]. Returns the top layer's h [B, H]; with ``out`` (a C-contiguous [B, H] array of
-        the model's dtype) the result is written there and, after the first call on a thread, nothing
-        is allocated.
+        x_t is [B, I], or token ids: an integer array [B] with values in [0, I). Returns the top
+        layer's h [B, H]; with ``out`` (a C-contiguous [B, H] array of the model's dtype) the result
+        is written there and, after the first call on a thread, nothing is allocated (for ids, when
+        they are already C-contiguous int64).
         """
-        x_t = _checks.check_float_input("x_t", x_t, self.dtype, 2)
-        if x_t.shape[1] != self.input_size:
-            raise ValueError(f"x_t must have shape (batch, {self.input_size}), got {x_t.shape}")
-        if x_t.shape[0] < 1:
-            raise ValueError(f"x_t must have a batch of at least 1, got shape {x_t.shape}")
-        batch_size = x_t.shape[0]
+        ids = None
+        if _is_integer_array(x_t):
+            if x_t.ndim != 1:
+                raise ValueError(f"x_t of an integer dtype contains token ids and must have shape (batch,), "
+                                 f"got {x_t.shape}")
+            if x_t.shape[0] < 1:
+                raise ValueError(f"x_t must have a batch of at least 1, got shape {x_t.shape}")
+            _check_id_range("x_t", x_t, self.input_size)
+            ids = np.ascontiguousarray(x_t, dtype=np.int64)
+            batch_size = ids.shape[0]
+        else:
+            x_t = _checks.check_float_input("x_t", x_t, self.dtype, 2)
+            if x_t.shape[1] != self.input_size:
+                raise ValueError(f"x_t must have shape (batch, {self.input_size}), got {x_t.shape}")
+            if x_t.shape[0] < 1:
+                raise ValueError(f"x_t must have a batch of at least 1, got shape {x_t.shape}")
+            batch_size = x_t.shape[0]
         self._check_state(state, batch_size)
+        _checks.check_no_overlap("state", state, [("x_t", x_t if ids is None else ids)])
         if out is None:
             out = np.empty((batch_size, self.hidden_size), dtype=self.dtype)
         else:
             _checks.check_buffer("out", out, self.dtype, (batch_size, self.hidden_size))
             _checks.check_no_overlap("out", out, [("state", state), ("x_t", x_t)])
         gates = self._scratch_array("step_gates", (batch_size, 4 * self.hidden_size))
-        self._kernels.step(self._params, x_t, state, gates, self.forget_bias)
+        if ids is None:
+            self._kernels.step(self._params, x_t, state, gates, self.forget_bias)
+        else:
+            self._kernels.step(self._params, None, state, gates, self.forget_bias, ids)
         out[...] = state[-1, 1]
         return out
+
+
+def _is_integer_array(x):
+    return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer)
+
+
+def _reject_integer_rank(name, x, expected):
+    # An integer array of another rank is neither token ids nor a float input: say both.
+    raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}; integer token ids must have "
+                    f"2 dimensions ({expected}), got shape {x.shape}")
+
+
+def _check_id_range(name, ids, input_size):
+    # Token ids must index a row of the input kernel: ValueError naming the first bad value.
+    if ids.size and (ids.min() < 0 or ids.max() >= input_size):
+        bad = ids[(ids < 0) | (ids >= input_size)].flat[0]
+        raise ValueError(f"{name} contains token ids, which must be in [0, {input_size}) (the model's "
+                         f"input_size), got {bad}")
