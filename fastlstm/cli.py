@@ -9,6 +9,11 @@ Subcommands:
     new series of 50000 bits echoed after 3 steps, in 5 rows and windows of 15 steps, with Adagrad at
     learning rate 0.3, for 100 epochs.
 
+``charlm``
+    Train a character-level language model on the prose of Python's reference documentation (or
+    Shakespeare, or a text file) and print bits per character and a sample; see
+    ``fastlstm.charlm_cli``.
+
 ``main(argv)`` returns the exit status: 0 on success, 1 when a checkpoint cannot be used, 2 for invalid
 options (argparse's convention) and 130 after an interrupt (Ctrl-C).
 """
@@ -132,6 +137,10 @@ def build_parser():
     echo.add_argument("--json", action="store_true",
                       help="print a one-line JSON summary as the last line of output")
     echo.set_defaults(handler=run_echo, command_parser=echo)
+
+    from fastlstm import charlm_cli
+
+    charlm_cli.add_parser(commands)
     return parser
 
 

@@ -312,3 +312,43 @@ class Adam(Optimizer):
         config = super().config()
         config.update(beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
         return config
+
+
+class StepDecay:
+    """Learning-rate decay by epochs, as in Zaremba, Sutskever and Vinyals, "Recurrent Neural Network
+    Regularization" (2014).
+
+    ``StepDecay(initial, factor, constant_epochs)(epoch)`` is ``initial`` for the first
+    ``constant_epochs`` epochs (``epoch`` counts from 0) and is multiplied by ``factor`` at the start of
+    each later epoch: ``initial * factor ** max(0, epoch + 1 - constant_epochs)``. ``apply(optimizer,
+    epoch)`` sets ``optimizer.learning_rate`` to that value, which the next ``update`` (or fused
+    training step) uses. A factor of 1 keeps the rate constant.
+    """
+
+    def __init__(self, initial, factor=1.0, constant_epochs=0):
+        self.initial = _check_positive("initial", initial)
+        factor = _checks.check_finite_float("factor", factor)
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"factor must be in (0, 1], got {factor}")
+        self.factor = factor
+        if isinstance(constant_epochs, (bool, np.bool_)) or not isinstance(constant_epochs, (int, np.integer)) \
+                or constant_epochs < 0:
+            raise ValueError(f"constant_epochs must be a non-negative integer, got {constant_epochs!r}")
+        self.constant_epochs = int(constant_epochs)
+
+    def __repr__(self):
+        return (f"StepDecay(initial={self.initial}, factor={self.factor}, "
+                f"constant_epochs={self.constant_epochs})")
+
+    def __call__(self, epoch):
+        """Return the learning rate of ``epoch`` (from 0)."""
+        if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        return self.initial * self.factor ** max(0, int(epoch) + 1 - self.constant_epochs)
+
+    def apply(self, optimizer, epoch):
+        """Set ``optimizer.learning_rate`` to the rate of ``epoch`` and return it."""
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a fastlstm optimizer, got {type(optimizer).__name__}")
+        optimizer.learning_rate = self(epoch)
+        return optimizer.learning_rate
