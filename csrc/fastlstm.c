@@ -7,6 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Width of the vectors of the direct matrix loops: 32 bytes (8 floats) gives two independent SSE
+ * sums per block on baseline x86-64 and one AVX register where the compiler may use AVX. */
+#define FL_VECTOR_BYTES 16
+
 /* Largest B (in elements) that gemm transposes into a stack buffer for its A @ B^T loops. */
 #define FL_SMALL_TRANSPOSE 1024
 

@@ -14,20 +14,38 @@
  * Matrix products.
  */
 
-/* C[M, N] += A[M, K] @ B[K, N] in direct loops, one row of B at a time so that the inner loop is
- * contiguous and vectorizes. */
-static inline void FN(gemm_nn_loops)(int64_t m, int64_t n, int64_t k, const REAL *restrict a,
-                                     int64_t lda, const REAL *restrict b, int64_t ldb,
-                                     REAL *restrict c, int64_t ldc)
+typedef REAL FN(vector) __attribute__((vector_size(FL_VECTOR_BYTES)));
+
+/* C[M, N] += A[M, K] @ B[K, N] in direct loops, where A[row, p] is a[row * a_row_stride +
+ * p * a_p_stride], so that one loop serves A and A^T. Each block of output columns stays in a
+ * vector register across the whole sum over p. Every output element, in a vector lane or in the
+ * scalar tail, is summed in the same order (c, then p = 0, 1, ...), so its bits do not depend on the
+ * column it sits in. */
+static inline void FN(gemm_loops)(int64_t m, int64_t n, int64_t k, const REAL *restrict a,
+                                  int64_t a_row_stride, int64_t a_p_stride,
+                                  const REAL *restrict b, int64_t ldb, REAL *restrict c,
+                                  int64_t ldc)
 {
+    const int64_t lanes = (int64_t)(FL_VECTOR_BYTES / sizeof(REAL));
     for (int64_t row = 0; row < m; row++) {
+        const REAL *a_row = a + row * a_row_stride;
         REAL *c_row = c + row * ldc;
-        for (int64_t p = 0; p < k; p++) {
-            const REAL a_value = a[row * lda + p];
-            const REAL *b_row = b + p * ldb;
-            for (int64_t col = 0; col < n; col++) {
-                c_row[col] += a_value * b_row[col];
+        int64_t col = 0;
+        for (; col + lanes <= n; col += lanes) {
+            FN(vector) sum, b_block;
+            memcpy(&sum, c_row + col, sizeof sum);
+            for (int64_t p = 0; p < k; p++) {
+                memcpy(&b_block, b + p * ldb + col, sizeof b_block);
+                sum += a_row[p * a_p_stride] * b_block;
             }
+            memcpy(c_row + col, &sum, sizeof sum);
+        }
+        for (; col < n; col++) {
+            REAL sum = c_row[col];
+            for (int64_t p = 0; p < k; p++) {
+                sum += a_row[p * a_p_stride] * b[p * ldb + col];
+            }
+            c_row[col] = sum;
         }
     }
 }
@@ -59,19 +77,10 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
         }
     }
     if (!trans_a && !trans_b) {
-        FN(gemm_nn_loops)(m, n, k, a, lda, b, ldb, c, ldc);
+        FN(gemm_loops)(m, n, k, a, lda, 1, b, ldb, c, ldc);
     } else if (trans_a && !trans_b) {
         /* C += A^T @ B with A stored [K, M]: the weight gradients, summed over the K = T * B rows. */
-        for (int64_t p = 0; p < k; p++) {
-            const REAL *b_row = b + p * ldb;
-            for (int64_t row = 0; row < m; row++) {
-                const REAL a_value = a[p * lda + row];
-                REAL *c_row = c + row * ldc;
-                for (int64_t col = 0; col < n; col++) {
-                    c_row[col] += a_value * b_row[col];
-                }
-            }
-        }
+        FN(gemm_loops)(m, n, k, a, 1, lda, b, ldb, c, ldc);
     } else if (n * k <= FL_SMALL_TRANSPOSE) {
         /* C += A @ B^T with a small B stored [N, K]: transpose B once, then the contiguous
          * A @ B loop, which vectorizes where the dot products below cannot. */
@@ -81,7 +90,7 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
                 b_transposed[p * n + col] = b[col * ldb + p];
             }
         }
-        FN(gemm_nn_loops)(m, n, k, a, lda, b_transposed, n, c, ldc);
+        FN(gemm_loops)(m, n, k, a, lda, 1, b_transposed, n, c, ldc);
     } else {
         /* C += A @ B^T with B stored [N, K]: one dot product per output. */
         for (int64_t row = 0; row < m; row++) {
