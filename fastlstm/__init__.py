@@ -2,15 +2,17 @@
 
 from fastlstm import io, tasks
 from fastlstm._backends import backends
+from fastlstm.charlm import CharLM, CharLMTrainer
 from fastlstm.heads import HeadGradients, SoftmaxHead
 from fastlstm.model import LSTM, Gradients, Tape
-from fastlstm.optim import SGD, Adagrad, Adam, Optimizer, clip_by_global_norm, global_norm
+from fastlstm.optim import (SGD, Adagrad, Adam, Optimizer, StepDecay, clip_by_global_norm,
+                            global_norm)
 from fastlstm.train import Callback, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LSTM", "Gradients", "Tape", "SoftmaxHead", "HeadGradients", "SGD", "Adagrad", "Adam",
-    "Optimizer", "clip_by_global_norm", "global_norm", "Trainer", "Callback", "backends", "io",
-    "tasks", "__version__",
+    "Optimizer", "StepDecay", "clip_by_global_norm", "global_norm", "Trainer", "Callback",
+    "CharLM", "CharLMTrainer", "backends", "io", "tasks", "__version__",
 ]
