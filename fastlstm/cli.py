@@ -14,6 +14,10 @@ Subcommands:
     Shakespeare, or a text file) and print bits per character and a sample; see
     ``fastlstm.charlm_cli``.
 
+``bench``
+    Time fastlstm against the other LSTM implementations installed here; a short run (``--quick``)
+    unless ``--full`` is given. The options are those of ``fastlstm.bench.run_bench``.
+
 ``main(argv)`` returns the exit status: 0 on success, 1 when a checkpoint cannot be used, 2 for invalid
 options (argparse's convention) and 130 after an interrupt (Ctrl-C).
 """
@@ -141,16 +145,34 @@ def build_parser():
     from fastlstm import charlm_cli
 
     charlm_cli.add_parser(commands)
+
+    # main hands the arguments of 'bench' to fastlstm.bench unparsed; this entry lists it in --help.
+    commands.add_parser("bench", add_help=False,
+                        help="time fastlstm against the installed peers (a short run; --full for the "
+                             "whole comparison; fastlstm bench --help lists the options)")
     return parser
 
 
 def main(argv=None):
     """Run the ``fastlstm`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Each subcommand reports its own usage errors, so the usage line names the subcommand.
     return args.handler(args.command_parser, args)
+
+
+def _run_bench(options):
+    from fastlstm.bench import run_bench
+
+    if "--full" in options:
+        options = [option for option in options if option != "--full"]
+    elif "--quick" not in options and not {"-h", "--help"} & set(options):
+        options = ["--quick"] + options
+    return run_bench(options)
 
 
 # The echo command.
