@@ -7,8 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Width of the vectors of the direct matrix loops: 32 bytes (8 floats) gives two independent SSE
- * sums per block on baseline x86-64 and one AVX register where the compiler may use AVX. */
+/* Width of the vectors of the direct matrix loops: 16 bytes, one SSE register of baseline x86-64.
+ * 32 bytes made the echo window slower, because without AVX the compiler splits such vectors. */
 #define FL_VECTOR_BYTES 16
 
 /* Largest B (in elements) that gemm transposes into a stack buffer for its A @ B^T loops. */

@@ -75,7 +75,7 @@ static inline float fl_tanh_f32(float x)
     const uint32_t is_small = 0u - (uint32_t)(a_bits < small_limit_bits);
     const uint32_t saturated = 0u - (uint32_t)((a_bits > saturation_bits) & (a_bits <= infinity_bits));
 
-    /* The polynomial sees 0 outside its range, so that squaring a huge |x| cannot raise the
+    /* The polynomial gets 0 outside its range, so that squaring a huge |x| cannot raise the
      * overflow flag for a value that the blend would discard. */
     const float a_small = fl_select_f32(is_small, a, 0.0f);
     const float a2 = a_small * a_small;
