@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from fastlstm._cli_settings import merge_settings
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -134,24 +136,8 @@ class _RunError(Exception):
 
 
 def _settings(parser, args, checkpoint):
-    given = {name: getattr(args, name) for name in CHARLM_DEFAULTS if getattr(args, name) is not None}
-    if checkpoint is None:
-        settings = dict(CHARLM_DEFAULTS)
-        settings["epochs"] = DEFAULT_EPOCHS
-    else:
-        stored = checkpoint.config
-        if not isinstance(stored, dict) or stored.get("task") != "charlm":
-            raise _RunError(f"{checkpoint.path} was not written by 'fastlstm charlm'")
-        settings = {name: stored.get(name) for name in CHARLM_DEFAULTS}
-        settings["epochs"] = stored.get("epochs", DEFAULT_EPOCHS)
-        for name, value in given.items():
-            if settings[name] != value:
-                option = "--" + name.replace("_", "-")
-                parser.error(f"{option} {value} differs from the value {settings[name]!r} stored in "
-                             f"{checkpoint.path}; leave {option} out to resume that run")
-    settings.update(given)
-    if args.epochs is not None:
-        settings["epochs"] = args.epochs
+    settings = merge_settings(parser, args, checkpoint, CHARLM_DEFAULTS, DEFAULT_EPOCHS, "charlm",
+                              _RunError)
     if settings["lr"] is None:
         settings["lr"] = DEFAULT_LEARNING_RATES[settings["optimizer"]]
     if settings["seed"] is None:

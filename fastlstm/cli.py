@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from fastlstm._cli_settings import merge_settings
 from fastlstm.tasks import echo as echo_task
 
 logger = logging.getLogger(__name__)
@@ -179,25 +180,8 @@ def _run_bench(options):
 
 
 def _echo_settings(parser, args, checkpoint):
-    # Merge the defaults, the checkpoint's settings and the options given on the command line.
-    given = {name: getattr(args, name) for name in ECHO_DEFAULTS if getattr(args, name) is not None}
-    if checkpoint is None:
-        settings = dict(ECHO_DEFAULTS)
-        settings["epochs"] = DEFAULT_EPOCHS
-    else:
-        stored = checkpoint.config
-        if not isinstance(stored, dict) or stored.get("task") != "echo":
-            raise _CheckpointError(f"{checkpoint.path} was not written by 'fastlstm echo'")
-        settings = {name: stored.get(name) for name in ECHO_DEFAULTS}
-        settings["epochs"] = stored.get("epochs", DEFAULT_EPOCHS)
-        for name, value in given.items():
-            if settings[name] != value:
-                option = "--" + name.replace("_", "-")
-                parser.error(f"{option} {value} differs from the value {settings[name]!r} stored in "
-                             f"{checkpoint.path}; leave {option} out to resume that run")
-    settings.update(given)
-    if args.epochs is not None:
-        settings["epochs"] = args.epochs
+    settings = merge_settings(parser, args, checkpoint, ECHO_DEFAULTS, DEFAULT_EPOCHS, "echo",
+                              _CheckpointError)
     if settings["learning_rate"] is None:
         settings["learning_rate"] = DEFAULT_LEARNING_RATES[settings["optimizer"]]
     if settings["seed"] is None:
