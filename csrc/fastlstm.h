@@ -12,7 +12,7 @@
  *
  * Parameters are one flat vector: per layer its kernel [I_l + H, G] (rows 0..I_l-1 multiply x, the
  * next H rows multiply h) and then its bias [G]. Gradients use the same layout and are accumulated
- * (+=) unless a function says otherwise; zeroing them is the caller's step.
+ * (+=) unless a function states otherwise; zeroing them is the caller's step.
  *
  * Every function returns FL_OK or an error code. Nothing here exits, aborts or asserts: the caller
  * (the Cython binding) checks buffers, and the kernels re-check the sizes they depend on.

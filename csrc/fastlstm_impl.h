@@ -121,8 +121,8 @@ static inline REAL FN(sigmoid)(REAL z)
 /* Forward of one step for B rows.
  *   gates  [B, G] read as pre-activations, overwritten with the activations i, j, f, o (tape)
  *   c_prev [B, H] read;  c_next, h_next [B, H] written. c_next may be c_prev (in-place update). */
-/* One row of cell_forward. The gate blocks are restrict parameters so that the compiler knows they
- * are disjoint and vectorizes the loop over units; c_prev and c_next may be the same row. */
+/* One row of cell_forward. The gate blocks are restrict parameters, so the compiler may assume they
+ * are disjoint and vectorizes the loop over units. c_prev and c_next may be the same row. */
 static inline void FN(cell_forward_row)(int64_t hidden, REAL *restrict zi, REAL *restrict zj,
                                         REAL *restrict zf, REAL *restrict zo, const REAL *c_prev,
                                         REAL *c_next, REAL *restrict h_next, REAL forget_bias)

@@ -87,7 +87,7 @@ def backends():
     """Report which backends can run here.
 
     Returns a dict mapping each backend name to ``{"available": bool, "reason": str}``; the reason is
-    empty for an available backend and says why the import failed otherwise.
+    empty for an available backend and otherwise gives the error that stopped the import.
     """
     report = {}
     for name in BACKEND_NAMES:

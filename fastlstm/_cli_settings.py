@@ -1,5 +1,21 @@
 """Settings of a command-line training run, shared by ``fastlstm echo`` and ``fastlstm charlm``."""
 
+import sys
+
+
+def load_resume_checkpoint(command, path):
+    """Load the checkpoint named by ``--resume``; return it, or None (after printing why) on failure.
+
+    ``command`` is the subcommand's name for the message, such as ``"echo"``.
+    """
+    from fastlstm import io
+
+    try:
+        return io.load(path)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"fastlstm {command}: error: cannot resume: {error}", file=sys.stderr)
+        return None
+
 
 def merge_settings(parser, args, checkpoint, defaults, default_epochs, task, error):
     """Merge the defaults, a checkpoint's stored settings and the options given on the command line.

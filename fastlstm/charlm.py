@@ -41,7 +41,7 @@ from fastlstm.heads import SoftmaxHead
 from fastlstm.model import LSTM, Gradients
 from fastlstm.optim import Optimizer
 from fastlstm.tasks import text as text_data
-from fastlstm.train import FUSED_OPTIMIZERS
+from fastlstm.train import FUSED_OPTIMIZERS, check_state_dict, trainer_state_dict
 
 BITS_PER_NAT = 1.0 / math.log(2.0)
 
@@ -507,49 +507,16 @@ class CharLMTrainer:
     # Checkpoint support (fastlstm.io).
 
     def state_dict(self):
-        """The training state, with the keys of ``fastlstm.Trainer.state_dict``."""
-        optimizer = self.optimizer
-        return {
-            "model_params": self.model.params,
-            "head_params": self.head.params,
-            "model_slots": optimizer.slots[0],
-            "head_slots": optimizer.slots[1],
-            "state": self.state,
-            "losses": self.losses,
-            "epoch_losses": np.asarray(self.epoch_losses, dtype=np.float64),
-            "optimizer_iterations": optimizer.iterations,
-            "epoch": self.epoch,
-            "window_in_epoch": self.window_in_epoch,
-            "windows": self.windows,
-        }
+        """Return the training state, with the keys of ``fastlstm.Trainer.state_dict``."""
+        return trainer_state_dict(self)
 
     def load_state_dict(self, values):
         """Copy a ``state_dict`` (for example from a checkpoint) into this trainer."""
         optimizer = self.optimizer
-        for name, target in (("model_params", self.model.params), ("head_params", self.head.params),
-                             ("model_slots", optimizer.slots[0]), ("head_slots", optimizer.slots[1])):
-            array = values[name]
-            if array.shape != target.shape or array.dtype != target.dtype:
-                raise ValueError(f"{name} must have shape {target.shape} and dtype {target.dtype}, got shape "
-                                 f"{array.shape} and dtype {array.dtype}")
-        counters = {}
-        for name in ("optimizer_iterations", "epoch", "window_in_epoch", "windows"):
-            value = values[name]
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-            counters[name] = int(value)
-        losses = np.asarray(values["losses"], dtype=np.float64)
-        if losses.shape != (counters["windows"],):
-            raise ValueError(f"losses must have one entry per window ({counters['windows']}), got shape "
-                             f"{losses.shape}")
-        state = values.get("state")
-        if counters["window_in_epoch"] > 0:
-            expected = (self.charlm.num_layers, 2, -1, self.charlm.hidden_size)
-            if state is None or state.ndim != 4 or state.dtype != self.charlm.dtype \
-                    or state.shape[:2] != expected[:2] or state.shape[3] != expected[3]:
-                raise ValueError(f"state must be an [L, 2, B, H] = {expected} array of dtype {self.charlm.dtype} "
-                                 f"to continue in the middle of an epoch, got "
-                                 f"{None if state is None else (state.shape, state.dtype)}")
+        state, counters, losses = check_state_dict(self, values)
+        if counters["window_in_epoch"] > 0 and state is None:
+            raise ValueError("state is missing, but a checkpoint in the middle of an epoch needs it")
+
         self.model.params[...] = values["model_params"]
         self.head.params[...] = values["head_params"]
         optimizer.slots[0][...] = values["model_slots"]

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from fastlstm._cli_settings import merge_settings
+from fastlstm._cli_settings import load_resume_checkpoint, merge_settings
 
 logger = logging.getLogger(__name__)
 
@@ -228,10 +228,8 @@ def run_charlm(parser, args):
 
     checkpoint = None
     if args.resume:
-        try:
-            checkpoint = io.load(args.resume)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"fastlstm charlm: error: cannot resume: {error}", file=sys.stderr)
+        checkpoint = load_resume_checkpoint("charlm", args.resume)
+        if checkpoint is None:
             return EXIT_FAILURE
     try:
         settings = _settings(parser, args, checkpoint)

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from fastlstm._cli_settings import merge_settings
+from fastlstm._cli_settings import load_resume_checkpoint, merge_settings
 from fastlstm.tasks import echo as echo_task
 
 logger = logging.getLogger(__name__)
@@ -266,10 +266,8 @@ def run_echo(parser, args):
 
     checkpoint = None
     if args.resume:
-        try:
-            checkpoint = io.load(args.resume)
-        except (FileNotFoundError, ValueError) as error:
-            print(f"fastlstm echo: error: cannot resume: {error}", file=sys.stderr)
+        checkpoint = load_resume_checkpoint("echo", args.resume)
+        if checkpoint is None:
             return EXIT_FAILURE
     try:
         settings = _echo_settings(parser, args, checkpoint)

@@ -399,7 +399,7 @@ def _is_integer_array(x):
 
 
 def _reject_integer_rank(name, x, expected):
-    # An integer array of another rank is neither token ids nor a float input: say both.
+    # An integer array of another rank is neither token ids nor a float input, so the message names both.
     raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}; integer token ids must have "
                     f"2 dimensions ({expected}), got shape {x.shape}")
 

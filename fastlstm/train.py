@@ -519,20 +519,7 @@ class Trainer:
 
     def state_dict(self):
         """Return the training state as a dict of arrays and ints (references, not copies)."""
-        optimizer = self.optimizer
-        return {
-            "model_params": self.model.params,
-            "head_params": self.head.params,
-            "model_slots": optimizer.slots[0],
-            "head_slots": optimizer.slots[1],
-            "state": self.state,
-            "losses": self.losses,
-            "epoch_losses": np.asarray(self.epoch_losses, dtype=np.float64),
-            "optimizer_iterations": optimizer.iterations,
-            "epoch": self.epoch,
-            "window_in_epoch": self.window_in_epoch,
-            "windows": self.windows,
-        }
+        return trainer_state_dict(self)
 
     def load_state_dict(self, values):
         """Copy a ``state_dict`` (for example from a checkpoint) into this trainer.
@@ -541,34 +528,7 @@ class Trainer:
         have any batch size. Raises ValueError naming the first entry that does not match.
         """
         optimizer = self.optimizer
-        expected = {
-            "model_params": (self.model.params.shape, self.model.dtype),
-            "head_params": (self.head.params.shape, self.head.dtype),
-            "model_slots": (optimizer.slots[0].shape, optimizer.slots[0].dtype),
-            "head_slots": (optimizer.slots[1].shape, optimizer.slots[1].dtype),
-        }
-        for name, (shape, dtype) in expected.items():
-            array = values[name]
-            if array.shape != shape or array.dtype != dtype:
-                raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got shape {array.shape} "
-                                 f"and dtype {array.dtype}")
-        state = values["state"]
-        if state is not None:
-            state_shape = (self.model.num_layers, 2, state.shape[2] if state.ndim == 4 else -1,
-                           self.model.hidden_size)
-            if state.ndim != 4 or state.shape != state_shape or state.dtype != self.model.dtype:
-                raise ValueError(f"state must have shape (L, 2, B, H) = {state_shape} and dtype "
-                                 f"{self.model.dtype}, got shape {state.shape} and dtype {state.dtype}")
-        counters = {}
-        for name in ("optimizer_iterations", "epoch", "window_in_epoch", "windows"):
-            value = values[name]
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-            counters[name] = int(value)
-        losses = np.asarray(values["losses"], dtype=np.float64)
-        if losses.shape != (counters["windows"],):
-            raise ValueError(f"losses must have one entry per window ({counters['windows']}), "
-                             f"got shape {losses.shape}")
+        state, counters, losses = check_state_dict(self, values)
         if counters["window_in_epoch"] > 0 and state is None:
             raise ValueError("state is missing, but a checkpoint in the middle of a series needs it")
 
@@ -590,3 +550,66 @@ class Trainer:
         self.epoch_losses = [float(loss) for loss in values["epoch_losses"]]
         self._series = None
         self._last_window = None
+
+
+def trainer_state_dict(trainer):
+    """Return the training state of ``trainer`` (``Trainer`` or ``CharLMTrainer``) as a dict.
+
+    The values are references to the trainer's arrays, not copies; ``fastlstm.io`` writes them.
+    """
+    optimizer = trainer.optimizer
+    return {
+        "model_params": trainer.model.params,
+        "head_params": trainer.head.params,
+        "model_slots": optimizer.slots[0],
+        "head_slots": optimizer.slots[1],
+        "state": trainer.state,
+        "losses": trainer.losses,
+        "epoch_losses": np.asarray(trainer.epoch_losses, dtype=np.float64),
+        "optimizer_iterations": optimizer.iterations,
+        "epoch": trainer.epoch,
+        "window_in_epoch": trainer.window_in_epoch,
+        "windows": trainer.windows,
+    }
+
+
+def check_state_dict(trainer, values):
+    """Check a state dict against ``trainer``'s model, head and optimizer before anything is copied.
+
+    Returns ``(state, counters, losses)``: the state buffer or None (any batch size is accepted),
+    the four counters as ints, and the loss history as float64 with one entry per window. Raises
+    ValueError naming the first entry that does not match.
+    """
+    optimizer = trainer.optimizer
+    expected = {
+        "model_params": (trainer.model.params.shape, trainer.model.dtype),
+        "head_params": (trainer.head.params.shape, trainer.head.dtype),
+        "model_slots": (optimizer.slots[0].shape, optimizer.slots[0].dtype),
+        "head_slots": (optimizer.slots[1].shape, optimizer.slots[1].dtype),
+    }
+    for name, (shape, dtype) in expected.items():
+        array = values[name]
+        if array.shape != shape or array.dtype != dtype:
+            raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got shape {array.shape} "
+                             f"and dtype {array.dtype}")
+
+    state = values.get("state")
+    if state is not None:
+        state_shape = (trainer.model.num_layers, 2, state.shape[2] if state.ndim == 4 else -1,
+                       trainer.model.hidden_size)
+        if state.ndim != 4 or state.shape != state_shape or state.dtype != trainer.model.dtype:
+            raise ValueError(f"state must have shape (L, 2, B, H) = {state_shape} and dtype "
+                             f"{trainer.model.dtype}, got shape {state.shape} and dtype {state.dtype}")
+
+    counters = {}
+    for name in ("optimizer_iterations", "epoch", "window_in_epoch", "windows"):
+        value = values[name]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        counters[name] = int(value)
+
+    losses = np.asarray(values["losses"], dtype=np.float64)
+    if losses.shape != (counters["windows"],):
+        raise ValueError(f"losses must have one entry per window ({counters['windows']}), "
+                         f"got shape {losses.shape}")
+    return state, counters, losses
