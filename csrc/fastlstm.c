@@ -14,6 +14,47 @@
 /* Largest B (in elements) that gemm transposes into a stack buffer for its A @ B^T loops. */
 #define FL_SMALL_TRANSPOSE 1024
 
+/* The row kernel: AVX-512 register tiles for the products whose rows are samples (see
+ * fastlstm_impl.h). It is compiled for AVX-512 through function attributes, so the rest of the
+ * library keeps the baseline instruction set, and runs only where the CPU reports AVX-512F. */
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FL_ROW_KERNEL 1
+#define FL_AVX512 __attribute__((target("avx512f")))
+#else
+#define FL_ROW_KERNEL 0
+#endif
+
+/* Rows of one register tile, and rows that share one pass over the columns of the weights. */
+#define FL_TILE_ROWS 12
+#define FL_CHUNK_ROWS 64
+#define FL_DEPTH 256
+
+static int row_kernel_enabled = -1;   /* -1: not decided yet, then 0 or 1 */
+
+int fl_row_kernel_available(void)
+{
+#if FL_ROW_KERNEL
+    return __builtin_cpu_supports("avx512f") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+int fl_set_row_kernel(int enable)
+{
+    row_kernel_enabled = enable && fl_row_kernel_available();
+    return row_kernel_enabled;
+}
+
+static int fl_row_kernel_on(void)
+{
+    if (row_kernel_enabled < 0) {
+        row_kernel_enabled = fl_row_kernel_available();
+    }
+    return row_kernel_enabled;
+}
+
 static fl_sgemm_fn blas_gemm_f32 = NULL;
 static fl_dgemm_fn blas_gemm_f64 = NULL;
 
@@ -121,6 +162,15 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #define EXP expf
 #define LOG logf
 #define SQRT sqrtf
+#if FL_ROW_KERNEL
+#define VEC __m512
+#define VEC_MASK __mmask16
+#define VEC_ZERO _mm512_setzero_ps
+#define VEC_SET1 _mm512_set1_ps
+#define VEC_LOAD_MASKED _mm512_maskz_loadu_ps
+#define VEC_STORE_MASKED _mm512_mask_storeu_ps
+#define VEC_FMA _mm512_fmadd_ps
+#endif
 #include "fastlstm_impl.h"
 #undef REAL
 #undef FL_SUFFIX
@@ -128,6 +178,13 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #undef EXP
 #undef LOG
 #undef SQRT
+#undef VEC
+#undef VEC_MASK
+#undef VEC_ZERO
+#undef VEC_SET1
+#undef VEC_LOAD_MASKED
+#undef VEC_STORE_MASKED
+#undef VEC_FMA
 
 #define REAL double
 #define FL_SUFFIX f64
@@ -135,6 +192,15 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #define EXP exp
 #define LOG log
 #define SQRT sqrt
+#if FL_ROW_KERNEL
+#define VEC __m512d
+#define VEC_MASK __mmask8
+#define VEC_ZERO _mm512_setzero_pd
+#define VEC_SET1 _mm512_set1_pd
+#define VEC_LOAD_MASKED _mm512_maskz_loadu_pd
+#define VEC_STORE_MASKED _mm512_mask_storeu_pd
+#define VEC_FMA _mm512_fmadd_pd
+#endif
 #include "fastlstm_impl.h"
 #undef REAL
 #undef FL_SUFFIX
@@ -142,3 +208,10 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #undef EXP
 #undef LOG
 #undef SQRT
+#undef VEC
+#undef VEC_MASK
+#undef VEC_ZERO
+#undef VEC_SET1
+#undef VEC_LOAD_MASKED
+#undef VEC_STORE_MASKED
+#undef VEC_FMA

@@ -53,6 +53,14 @@ void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm);
  * result does not depend on the batch it is in. */
 #define FL_BLAS_MIN_WEIGHTS 4096
 
+/* On CPUs with AVX-512F, the products of at least FL_BLAS_MIN_WEIGHTS weights whose rows are
+ * samples (inputs and states times weights, and gradients times transposed weights) run in
+ * fastlstm's own row kernel instead of BLAS: its result for a row does not depend on the other
+ * rows. fl_row_kernel_available tells whether this CPU has it; fl_set_row_kernel(0) turns it off
+ * and fl_set_row_kernel(1) back on where available, returning the setting now in force. */
+int fl_row_kernel_available(void);
+int fl_set_row_kernel(int enable);
+
 typedef struct {
     int64_t layers;  /* L */
     int64_t steps;   /* T */

@@ -50,6 +50,161 @@ static inline void FN(gemm_loops)(int64_t m, int64_t n, int64_t k, const REAL *r
     }
 }
 
+/* The row kernel: C[M, N] = A[M, K] @ W[K, N] + beta * C for the large products whose rows are
+ * samples. Every output element is one chain of fused multiply-adds, started from C (or 0) and
+ * taken over p = 0, 1, ..., K - 1 in order, whatever tile or lane computes it. So a sample's row
+ * never depends on the rows around it, on M, or on the column it sits in, which OpenBLAS does not
+ * promise: it rounds the edge rows of its blocks differently.
+ *
+ * W is read in column blocks of FL_BLOCK_COLS: either in place (block j starts at w + j * width,
+ * rows ldw apart) or packed by FN(pack), where block j is one contiguous [K, width] array. Packing
+ * costs one pass over W and pays when the product runs many times (every step of a window) or has
+ * many rows: the kernel then reads each block as one stream instead of K rows on K pages. */
+
+#define FL_BLOCK_COLS ((int64_t)(128 / sizeof(REAL)))   /* two 512-bit registers */
+
+/* Elements of the packed copy of a [K, N] weight matrix: whole column blocks, zero-padded. */
+static inline int64_t FN(packed_size)(int64_t k, int64_t n)
+{
+    return (n + FL_BLOCK_COLS - 1) / FL_BLOCK_COLS * FL_BLOCK_COLS * k;
+}
+
+/* packed = W in column blocks, from W [K, N] with row stride ldw, or, with transposed set, from W
+ * stored [N, K] (so that the product is A @ W^T). Columns past N are zero. */
+static void FN(pack)(int64_t k, int64_t n, const REAL *w, int64_t ldw, int transposed, REAL *packed)
+{
+    const int64_t width = FL_BLOCK_COLS;
+    for (int64_t col0 = 0; col0 < n; col0 += width) {
+        REAL *block = packed + (col0 / width) * k * width;          /* [K, width] */
+        const int64_t cols = n - col0 < width ? n - col0 : width;
+        if (transposed) {
+            for (int64_t col = 0; col < width; col++) {
+                const REAL *w_row = w + (col0 + col) * ldw;          /* column col0 + col of W */
+                for (int64_t p = 0; p < k; p++) {
+                    block[p * width + col] = col < cols ? w_row[p] : 0;
+                }
+            }
+        } else {
+            for (int64_t p = 0; p < k; p++) {
+                memcpy(block + p * width, w + p * ldw + col0, (size_t)cols * sizeof(REAL));
+                memset(block + p * width + cols, 0, (size_t)(width - cols) * sizeof(REAL));
+            }
+        }
+    }
+}
+
+#if FL_ROW_KERNEL
+
+#define LANES ((int64_t)(64 / sizeof(REAL)))   /* elements in one 512-bit register */
+
+/* One register tile: ROWS rows by one column block (two registers). mask_0 and mask_1 select the
+ * columns of C that exist, so the last block reads and writes nothing of C past N. */
+static inline __attribute__((always_inline)) FL_AVX512 void FN(row_tile)(
+    const int rows, int64_t k, const REAL *restrict a, int64_t lda, const REAL *restrict w,
+    int64_t ldw, int beta_one, REAL *restrict c, int64_t ldc, VEC_MASK mask_0, VEC_MASK mask_1)
+{
+    VEC sum_0[FL_TILE_ROWS], sum_1[FL_TILE_ROWS];
+    for (int r = 0; r < rows; r++) {
+        sum_0[r] = beta_one ? VEC_LOAD_MASKED(mask_0, c + r * ldc) : VEC_ZERO();
+        sum_1[r] = beta_one ? VEC_LOAD_MASKED(mask_1, c + r * ldc + LANES) : VEC_ZERO();
+    }
+
+    for (int64_t p = 0; p < k; p++) {
+        const VEC w_0 = VEC_LOAD_MASKED(mask_0, w + p * ldw);
+        const VEC w_1 = VEC_LOAD_MASKED(mask_1, w + p * ldw + LANES);
+        for (int r = 0; r < rows; r++) {
+            const VEC a_rp = VEC_SET1(a[r * lda + p]);
+            sum_0[r] = VEC_FMA(a_rp, w_0, sum_0[r]);
+            sum_1[r] = VEC_FMA(a_rp, w_1, sum_1[r]);
+        }
+    }
+
+    for (int r = 0; r < rows; r++) {
+        VEC_STORE_MASKED(c + r * ldc, mask_0, sum_0[r]);
+        VEC_STORE_MASKED(c + r * ldc + LANES, mask_1, sum_1[r]);
+    }
+}
+
+/* Chunks of FL_CHUNK_ROWS rows (A's chunk stays in L2), and inside a chunk one column block of W at
+ * a time, which every tile of the chunk reads from L1 or L2. block_stride is the distance between
+ * column blocks of W: FL_BLOCK_COLS in place, K * FL_BLOCK_COLS packed. The switch gives each tile
+ * height its own unrolled copy. */
+static FL_AVX512 void FN(gemm_rows)(int64_t m, int64_t n, int64_t k, const REAL *a, int64_t lda,
+                                    const REAL *w, int64_t ldw, int64_t block_stride,
+                                    int beta_one, REAL *c, int64_t ldc)
+{
+    for (int64_t first = 0; first < m; first += FL_CHUNK_ROWS) {
+        const int64_t end = first + FL_CHUNK_ROWS < m ? first + FL_CHUNK_ROWS : m;
+        for (int64_t col = 0; col < n; col += FL_BLOCK_COLS) {
+            const int64_t left = n - col;
+            const int64_t cols_0 = left < LANES ? left : LANES;
+            const int64_t cols_1 = left - cols_0 < LANES ? left - cols_0 : LANES;
+            const VEC_MASK mask_0 = (VEC_MASK)((1ull << cols_0) - 1);
+            const VEC_MASK mask_1 = (VEC_MASK)((1ull << cols_1) - 1);
+            for (int64_t p0 = 0; p0 < k; p0 += FL_DEPTH) {
+            const int64_t depth = k - p0 < FL_DEPTH ? k - p0 : FL_DEPTH;
+            const int start_from_c = beta_one || p0 > 0;
+            const REAL *w_block = w + (col / FL_BLOCK_COLS) * block_stride + p0 * ldw;
+            /* Tiles of nearly equal height: 20 rows run as 10 + 10, not 12 + 8. */
+            const int64_t tiles = (end - first + FL_TILE_ROWS - 1) / FL_TILE_ROWS;
+            for (int64_t tile = 0, row = first; tile < tiles; tile++) {
+                const int64_t height = (end - row) / (tiles - tile);
+                const REAL *a_tile = a + row * lda + p0;
+                REAL *c_tile = c + row * ldc + col;
+#define FL_TILE(ROWS) FN(row_tile)(ROWS, depth, a_tile, lda, w_block, ldw, start_from_c, c_tile, \
+                                   ldc, mask_0, mask_1)
+                switch (height) {
+                case 12: FL_TILE(12); break;
+                case 11: FL_TILE(11); break;
+                case 10: FL_TILE(10); break;
+                case 9: FL_TILE(9); break;
+                case 8: FL_TILE(8); break;
+                case 7: FL_TILE(7); break;
+                case 6: FL_TILE(6); break;
+                case 5: FL_TILE(5); break;
+                case 4: FL_TILE(4); break;
+                case 3: FL_TILE(3); break;
+                case 2: FL_TILE(2); break;
+                default: FL_TILE(1); break;
+                }
+                row += height;
+#undef FL_TILE
+            }
+            }
+        }
+    }
+}
+
+#undef LANES
+#endif /* FL_ROW_KERNEL */
+
+/* True when products with this weight operand go to the row kernel. */
+static inline int FN(uses_row_kernel)(int64_t weight_elems)
+{
+    return FL_ROW_KERNEL && weight_elems >= FL_BLAS_MIN_WEIGHTS && fl_row_kernel_on();
+}
+
+/* C[M, N] = A[M, K] @ W + beta * C through the row kernel, W packed by FN(pack). */
+static void FN(gemm_packed)(int64_t m, int64_t n, int64_t k, const REAL *a, int64_t lda,
+                            const REAL *packed, int beta_one, REAL *c, int64_t ldc)
+{
+#if FL_ROW_KERNEL
+    FN(gemm_rows)(m, n, k, a, lda, packed, FL_BLOCK_COLS, k * FL_BLOCK_COLS, beta_one, c, ldc);
+#else
+    (void)m, (void)n, (void)k, (void)a, (void)lda, (void)packed, (void)beta_one, (void)c, (void)ldc;
+#endif
+}
+
+/* A 64-byte aligned buffer of n elements, or NULL; release it with free. */
+static REAL *FN(alloc_aligned)(int64_t n)
+{
+    void *buffer = NULL;
+    if (n < 1 || posix_memalign(&buffer, 64, (size_t)n * sizeof(REAL)) != 0) {
+        return NULL;
+    }
+    return (REAL *)buffer;
+}
+
 /* Row-major C[M, N] = op(A)[M, K] @ op(B)[K, N] + beta * C, with beta 0 or 1. op transposes when
  * its flag is set: then A is stored [K, M] and B is stored [N, K]. weight_elems is the size of the
  * weight operand and alone decides between BLAS and direct loops (see FL_BLAS_MIN_WEIGHTS). */
@@ -57,6 +212,24 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
                      const REAL *restrict a, int64_t lda, const REAL *restrict b, int64_t ldb,
                      int beta_one, REAL *restrict c, int64_t ldc, int64_t weight_elems)
 {
+#if FL_ROW_KERNEL
+    if (!trans_a && FN(uses_row_kernel)(weight_elems)) {
+        if (!trans_b && m <= FL_TILE_ROWS) {
+            /* One tile of rows reads W once: packing would only add a second pass. */
+            FN(gemm_rows)(m, n, k, a, lda, b, ldb, FL_BLOCK_COLS, beta_one, c, ldc);
+            return;
+        }
+        /* Callers that multiply by the same W many times pack it once themselves. Without memory
+         * for the packed copy, BLAS takes over. */
+        REAL *packed = FN(alloc_aligned)(FN(packed_size)(k, n));
+        if (packed != NULL) {
+            FN(pack)(k, n, b, ldb, trans_b, packed);
+            FN(gemm_packed)(m, n, k, a, lda, packed, beta_one, c, ldc);
+            free(packed);
+            return;
+        }
+    }
+#endif
     int fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && lda < INT_MAX && ldb < INT_MAX
                    && ldc < INT_MAX;
     if (FN(blas_gemm) != NULL && weight_elems >= FL_BLAS_MIN_WEIGHTS && fits_int) {
@@ -258,6 +431,17 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
     const int64_t gates_slot = keep_tape ? rows * g : 0;
     const int64_t state_slot = keep_tape ? (steps + 1) * bh : 0;
 
+    /* The row kernel reads packed copies of W_x and W_h, made once per layer for all T steps. */
+    const int64_t widest = dims->input > hidden ? dims->input : hidden;
+    REAL *packed_x = NULL, *packed_h = NULL;                   /* [I_l, G] and [H, G], packed */
+    if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
+        packed_x = FN(alloc_aligned)(FN(packed_size)(widest, g) + FN(packed_size)(hidden, g));
+        if (packed_x == NULL) {
+            return FL_ENOMEM;
+        }
+        packed_h = packed_x + FN(packed_size)(widest, g);
+    }
+
     const REAL *layer_params = params;
     for (int64_t l = 0; l < layers; l++) {
         const int64_t in = l == 0 ? dims->input : hidden;      /* I_l */
@@ -276,16 +460,29 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
             FN(gather_rows)(rows, g, ids, w_x, bias, z);
         } else {
             FN(fill_rows)(rows, g, bias, z);
-            FN(gemm)(0, 0, rows, g, in, inputs, in, w_x, g, 1, z, g, in * g);
+            if (FN(uses_row_kernel)(in * g)) {
+                FN(pack)(in, g, w_x, g, 0, packed_x);
+                FN(gemm_packed)(rows, g, in, inputs, in, packed_x, 1, z, g);
+            } else {
+                FN(gemm)(0, 0, rows, g, in, inputs, in, w_x, g, 1, z, g, in * g);
+            }
         }
 
         memcpy(c, state + (2 * l) * bh, (size_t)bh * sizeof(REAL));
         memcpy(h, state + (2 * l + 1) * bh, (size_t)bh * sizeof(REAL));
 
         /* Time loop: Z_t += h_{t-1} @ W_h, then the cell. */
+        const int packed_w_h = FN(uses_row_kernel)(hidden * g);
+        if (packed_w_h) {
+            FN(pack)(hidden, g, w_h, g, 0, packed_h);
+        }
         for (int64_t t = 0; t < steps; t++) {
-            FN(gemm)(0, 0, batch, g, hidden, h + t * bh, hidden, w_h, g, 1, z + t * bg, g,
-                     hidden * g);
+            if (packed_w_h) {
+                FN(gemm_packed)(batch, g, hidden, h + t * bh, hidden, packed_h, 1, z + t * bg, g);
+            } else {
+                FN(gemm)(0, 0, batch, g, hidden, h + t * bh, hidden, w_h, g, 1, z + t * bg, g,
+                         hidden * g);
+            }
             FN(cell_forward)(batch, hidden, z + t * bg, c + t * bh, c + (t + 1) * bh,
                              h + (t + 1) * bh, (REAL)forget_bias);
         }
@@ -294,6 +491,7 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
         memcpy(state + (2 * l + 1) * bh, h + steps * bh, (size_t)bh * sizeof(REAL));
         layer_params = bias + g;
     }
+    free(packed_x);
     return FL_OK;
 }
 
@@ -313,6 +511,17 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
     const int64_t rows = steps * batch;
     const int64_t bh = batch * hidden, bg = batch * g;
     const int64_t state_slot = (steps + 1) * bh;
+
+    /* The row kernel multiplies by W^T from a packed transposed copy, one buffer for every
+     * layer's W_h and W_x in turn, made once per call instead of once per step. */
+    const int64_t widest = dims->input > hidden ? dims->input : hidden;
+    REAL *packed_t = NULL;                                     /* W_h^T [G, H] or W_x^T [G, I_l] */
+    if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
+        packed_t = FN(alloc_aligned)(FN(packed_size)(g, widest));
+        if (packed_t == NULL) {
+            return FL_ENOMEM;
+        }
+    }
 
     /* Gradient of the outputs of the layer being processed: d_y for the top layer, then the input
      * gradient of the layer above, which that layer writes into d_hidden after its time loop. */
@@ -341,10 +550,19 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
         }
 
         /* Reversed time loop: dZ_t from the cell, then dh_{t-1} = dZ_t @ W_h^T. */
+        const int packed_w_h = FN(uses_row_kernel)(hidden * g);
+        if (packed_w_h) {
+            FN(pack)(g, hidden, w_h, g, 1, packed_t);
+        }
         for (int64_t t = steps - 1; t >= 0; t--) {
             FN(cell_backward)(batch, hidden, acts + t * bg, c + t * bh, c + (t + 1) * bh,
                               d_out + t * bh, d_h, d_c, dz + t * bg);
-            FN(gemm)(0, 1, batch, hidden, g, dz + t * bg, g, w_h, g, 0, d_h, hidden, hidden * g);
+            if (packed_w_h) {
+                FN(gemm_packed)(batch, hidden, g, dz + t * bg, g, packed_t, 0, d_h, hidden);
+            } else {
+                FN(gemm)(0, 1, batch, hidden, g, dz + t * bg, g, w_h, g, 0, d_h, hidden,
+                         hidden * g);
+            }
         }
 
         /* Weight gradients for all steps at once. */
@@ -368,10 +586,16 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
          * have no gradient. */
         if (l > 0 || ids == NULL) {
             REAL *d_inputs = l == 0 ? d_x : d_hidden;
-            FN(gemm)(0, 1, rows, in, g, dz, g, w_x, g, 0, d_inputs, in, in * g);
+            if (FN(uses_row_kernel)(in * g)) {
+                FN(pack)(g, in, w_x, g, 1, packed_t);
+                FN(gemm_packed)(rows, in, g, dz, g, packed_t, 0, d_inputs, in);
+            } else {
+                FN(gemm)(0, 1, rows, in, g, dz, g, w_x, g, 0, d_inputs, in, in * g);
+            }
         }
         d_out = d_hidden;
     }
+    free(packed_t);
     return FL_OK;
 }
 

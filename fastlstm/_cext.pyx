@@ -45,6 +45,8 @@ cdef extern from "fastlstm.h" nogil:
     int FL_BLAS_MIN_WEIGHTS
     const char *fl_status_message(int status)
     void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm)
+    int fl_row_kernel_available()
+    int fl_set_row_kernel(int enable)
     int fl_optimizer_slots(int kind)
     int64_t fl_num_params(const fl_dims *dims)
     void fl_tanh_array_f32(int64_t n, const float *x, float *out)
@@ -93,6 +95,16 @@ cdef extern from "fastlstm.h" nogil:
 fl_set_blas(<fl_sgemm_fn>sgemm, <fl_dgemm_fn>dgemm)
 
 BLAS_MIN_WEIGHTS = FL_BLAS_MIN_WEIGHTS
+
+
+def row_kernel_available():
+    """True when this CPU runs the row kernel (AVX-512F) for large weight matrices."""
+    return bool(fl_row_kernel_available())
+
+
+def set_row_kernel(bint enable):
+    """Turn the row kernel on (where available) or off, for comparisons; returns the new setting."""
+    return bool(fl_set_row_kernel(enable))
 
 cdef enum:
     MAX_BUFFERS = 24
