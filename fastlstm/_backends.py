@@ -86,13 +86,18 @@ def _load(name):
 def backends():
     """Report which backends can run here.
 
-    Returns a dict mapping each backend name to ``{"available": bool, "reason": str}``; the reason is
-    empty for an available backend and otherwise gives the error that stopped the import.
+    Returns a dict mapping each backend name to ``{"available": bool, "reason": str, "row_kernel":
+    bool}``. The reason is empty for an available backend and otherwise gives the error that
+    stopped the import. ``row_kernel`` is True when the backend multiplies large weight matrices by
+    its own AVX-512 row kernel rather than BLAS (only C, and only on CPUs with AVX-512F).
     """
     report = {}
     for name in BACKEND_NAMES:
-        available = _load(name) is not None
-        report[name] = {"available": available, "reason": "" if available else _failures[name]}
+        module = _load(name)
+        available = module is not None
+        row_kernel = bool(available and getattr(module, "row_kernel_available", lambda: False)())
+        report[name] = {"available": available, "reason": "" if available else _failures[name],
+                        "row_kernel": row_kernel}
     return report
 
 
