@@ -4,6 +4,7 @@ Set ``FASTLSTM_NO_EXTENSION=1`` to skip it. When it cannot be compiled (no C com
 the install still succeeds with a warning and fastlstm runs on its Numba backend.
 """
 
+import glob
 import os
 import sys
 
@@ -50,12 +51,15 @@ def extensions():
 
     extension = Extension(
         "fastlstm._cext",
-        sources=["fastlstm/_cext.pyx", "csrc/fastlstm.c"],
+        sources=["fastlstm/_cext.pyx", "csrc/fastlstm.c", "csrc/fastlstm_pool.c"],
+        # Headers as dependencies, so that editing one rebuilds the extension.
+        depends=sorted(glob.glob("csrc/*.h")),
         include_dirs=["csrc", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
         # -fno-math-errno lets sqrt inline; -ffp-contract=off keeps every build and every
         # instruction-set clone on the same rounding (no fused multiply-add).
-        extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=off"],
+        extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=off", "-pthread"],
+        extra_link_args=["-pthread"],
     )
     try:
         return cythonize([extension], language_level=3,
