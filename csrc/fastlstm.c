@@ -1,6 +1,7 @@
 /* fastlstm C core: shared helpers, then the float and double kernels from fastlstm_impl.h. */
 #include "fastlstm.h"
 #include "fastlstm_math.h"
+#include "fastlstm_pool.h"
 
 #include <limits.h>
 #include <math.h>
@@ -27,8 +28,16 @@
 
 /* Rows of one register tile, and rows that share one pass over the columns of the weights. */
 #define FL_TILE_ROWS 12
-#define FL_CHUNK_ROWS 64
-#define FL_DEPTH 256
+#define FL_CHUNK_ROWS 192
+#define FL_DEPTH 192
+
+/* Multiply-adds that one thread of a product must get before the pool wakes a second one. */
+#define FL_MIN_THREAD_WORK (1 << 17)
+
+/* Units (row elements) of the cell that one thread must get before the pool wakes a second one,
+ * and the hidden size from which the cell runs in its AVX-512 copy. */
+#define FL_MIN_CELL_WORK 2048
+#define FL_WIDE_CELL 64
 
 static int row_kernel_enabled = -1;   /* -1: not decided yet, then 0 or 1 */
 
@@ -170,6 +179,7 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #define VEC_LOAD_MASKED _mm512_maskz_loadu_ps
 #define VEC_STORE_MASKED _mm512_mask_storeu_ps
 #define VEC_FMA _mm512_fmadd_ps
+#define VEC_LOAD _mm512_load_ps
 #endif
 #include "fastlstm_impl.h"
 #undef REAL
@@ -185,6 +195,7 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #undef VEC_LOAD_MASKED
 #undef VEC_STORE_MASKED
 #undef VEC_FMA
+#undef VEC_LOAD
 
 #define REAL double
 #define FL_SUFFIX f64
@@ -200,6 +211,7 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #define VEC_LOAD_MASKED _mm512_maskz_loadu_pd
 #define VEC_STORE_MASKED _mm512_mask_storeu_pd
 #define VEC_FMA _mm512_fmadd_pd
+#define VEC_LOAD _mm512_load_pd
 #endif
 #include "fastlstm_impl.h"
 #undef REAL
@@ -215,3 +227,4 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #undef VEC_LOAD_MASKED
 #undef VEC_STORE_MASKED
 #undef VEC_FMA
+#undef VEC_LOAD

@@ -61,6 +61,13 @@ void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm);
 int fl_row_kernel_available(void);
 int fl_set_row_kernel(int enable);
 
+/* Threads of the row kernel, the calling thread included: 1 (the default) to FL_MAX_THREADS.
+ * Threads split a product by columns, so results do not depend on the count.
+ * fl_set_num_threads returns 0, or -1 for a count out of range (the setting is then unchanged). */
+#define FL_MAX_THREADS 64
+int fl_set_num_threads(int threads);
+int fl_get_num_threads(void);
+
 typedef struct {
     int64_t layers;  /* L */
     int64_t steps;   /* T */

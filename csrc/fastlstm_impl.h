@@ -93,15 +93,31 @@ static void FN(pack)(int64_t k, int64_t n, const REAL *w, int64_t ldw, int trans
     }
 }
 
+/* A 64-byte aligned buffer of n elements, or NULL; release it with free. */
+static REAL *FN(alloc_aligned)(int64_t n)
+{
+    void *buffer = NULL;
+    if (n < 1 || posix_memalign(&buffer, 64, (size_t)n * sizeof(REAL)) != 0) {
+        return NULL;
+    }
+    return (REAL *)buffer;
+}
+
 #if FL_ROW_KERNEL
 
 #define LANES ((int64_t)(64 / sizeof(REAL)))   /* elements in one 512-bit register */
 
-/* One register tile: ROWS rows by one column block (two registers). mask_0 and mask_1 select the
- * columns of C that exist, so the last block reads and writes nothing of C past N. */
+/* One register tile: ROWS rows by one column block (two registers), over k steps of the sum.
+ *
+ * With packed set, A comes as a panel (a[p * ROWS + r]) and W as a packed block (two full
+ * registers per p), so that every address in the loop is a constant offset from two pointers.
+ * Otherwise A is read in place (a[r * a_row + p * a_step]) and W through the column masks.
+ * mask_0 and mask_1 select the columns of C that exist, so that the last block reads and writes
+ * nothing of C past N. */
 static inline __attribute__((always_inline)) FL_AVX512 void FN(row_tile)(
-    const int rows, int64_t k, const REAL *restrict a, int64_t lda, const REAL *restrict w,
-    int64_t ldw, int beta_one, REAL *restrict c, int64_t ldc, VEC_MASK mask_0, VEC_MASK mask_1)
+    const int rows, const int packed, int64_t k, const REAL *restrict a, int64_t a_row,
+    int64_t a_step, const REAL *restrict w, int64_t ldw, int beta_one, REAL *restrict c,
+    int64_t ldc, VEC_MASK mask_0, VEC_MASK mask_1)
 {
     VEC sum_0[FL_TILE_ROWS], sum_1[FL_TILE_ROWS];
     for (int r = 0; r < rows; r++) {
@@ -110,10 +126,12 @@ static inline __attribute__((always_inline)) FL_AVX512 void FN(row_tile)(
     }
 
     for (int64_t p = 0; p < k; p++) {
-        const VEC w_0 = VEC_LOAD_MASKED(mask_0, w + p * ldw);
-        const VEC w_1 = VEC_LOAD_MASKED(mask_1, w + p * ldw + LANES);
+        const VEC w_0 = packed ? VEC_LOAD(w + p * FL_BLOCK_COLS)
+                               : VEC_LOAD_MASKED(mask_0, w + p * ldw);
+        const VEC w_1 = packed ? VEC_LOAD(w + p * FL_BLOCK_COLS + LANES)
+                               : VEC_LOAD_MASKED(mask_1, w + p * ldw + LANES);
         for (int r = 0; r < rows; r++) {
-            const VEC a_rp = VEC_SET1(a[r * lda + p]);
+            const VEC a_rp = VEC_SET1(packed ? a[p * rows + r] : a[r * a_row + p * a_step]);
             sum_0[r] = VEC_FMA(a_rp, w_0, sum_0[r]);
             sum_1[r] = VEC_FMA(a_rp, w_1, sum_1[r]);
         }
@@ -125,54 +143,127 @@ static inline __attribute__((always_inline)) FL_AVX512 void FN(row_tile)(
     }
 }
 
-/* Chunks of FL_CHUNK_ROWS rows (A's chunk stays in L2), and inside a chunk one column block of W at
- * a time, which every tile of the chunk reads from L1 or L2. block_stride is the distance between
- * column blocks of W: FL_BLOCK_COLS in place, K * FL_BLOCK_COLS packed. The switch gives each tile
- * height its own unrolled copy. */
-static FL_AVX512 void FN(gemm_rows)(int64_t m, int64_t n, int64_t k, const REAL *a, int64_t lda,
-                                    const REAL *w, int64_t ldw, int64_t block_stride,
-                                    int beta_one, REAL *c, int64_t ldc)
+/* C = op(A) @ W + beta * C, where A[row, p] is a[row * a_row + p * a_step] and column block j of W
+ * starts at w + j * block_stride: FL_BLOCK_COLS for W in place (rows ldw apart), K * FL_BLOCK_COLS
+ * for W packed by FN(pack) (ldw = FL_BLOCK_COLS). */
+typedef struct {
+    int64_t m, n, k, a_row, a_step, ldw, block_stride, ldc;
+    const REAL *a, *w;
+    REAL *c;
+    int beta_one;
+    int w_packed;   /* W packed by FN(pack) rather than in place */
+} FN(row_product);
+
+/* Column blocks [block_begin, block_end) of the product: the share of one thread.
+ *
+ * Loops, outside in: chunks of FL_CHUNK_ROWS rows; slices of FL_DEPTH steps of the sum, whose
+ * piece of A is copied into tile panels once and then serves every column block; column blocks,
+ * whose slice of W (32 kB) stays in L1 while the chunk's tiles pass over it; tiles. Splitting the
+ * sum into slices keeps each element's chain of multiply-adds in order: a slice starts from the C
+ * the previous one stored. */
+static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t block_end)
 {
+    const FN(row_product) *job = (const FN(row_product) *)context;
+    const int64_t m = job->m, n = job->n, k = job->k, a_row = job->a_row, a_step = job->a_step;
+    const int64_t ldw = job->ldw, block_stride = job->block_stride, ldc = job->ldc;
+    const REAL *a = job->a, *w = job->w;
+    REAL *c = job->c;
+    const int w_packed = job->w_packed;
+    const int64_t col_end = block_end * FL_BLOCK_COLS < n ? block_end * FL_BLOCK_COLS : n;
+
+    /* Tile panels of A for one chunk and slice; without memory, A is read in place. */
+    const int64_t chunk_rows = m < FL_CHUNK_ROWS ? m : FL_CHUNK_ROWS;
+    REAL *panels = w_packed ? FN(alloc_aligned)(chunk_rows * (k < FL_DEPTH ? k : FL_DEPTH)) : NULL;
+
     for (int64_t first = 0; first < m; first += FL_CHUNK_ROWS) {
         const int64_t end = first + FL_CHUNK_ROWS < m ? first + FL_CHUNK_ROWS : m;
-        for (int64_t col = 0; col < n; col += FL_BLOCK_COLS) {
-            const int64_t left = n - col;
-            const int64_t cols_0 = left < LANES ? left : LANES;
-            const int64_t cols_1 = left - cols_0 < LANES ? left - cols_0 : LANES;
-            const VEC_MASK mask_0 = (VEC_MASK)((1ull << cols_0) - 1);
-            const VEC_MASK mask_1 = (VEC_MASK)((1ull << cols_1) - 1);
-            for (int64_t p0 = 0; p0 < k; p0 += FL_DEPTH) {
+        const int64_t tiles = (end - first + FL_TILE_ROWS - 1) / FL_TILE_ROWS;
+        for (int64_t p0 = 0; p0 < k; p0 += FL_DEPTH) {
             const int64_t depth = k - p0 < FL_DEPTH ? k - p0 : FL_DEPTH;
-            const int start_from_c = beta_one || p0 > 0;
-            const REAL *w_block = w + (col / FL_BLOCK_COLS) * block_stride + p0 * ldw;
-            /* Tiles of nearly equal height: 20 rows run as 10 + 10, not 12 + 8. */
-            const int64_t tiles = (end - first + FL_TILE_ROWS - 1) / FL_TILE_ROWS;
-            for (int64_t tile = 0, row = first; tile < tiles; tile++) {
-                const int64_t height = (end - row) / (tiles - tile);
-                const REAL *a_tile = a + row * lda + p0;
-                REAL *c_tile = c + row * ldc + col;
-#define FL_TILE(ROWS) FN(row_tile)(ROWS, depth, a_tile, lda, w_block, ldw, start_from_c, c_tile, \
-                                   ldc, mask_0, mask_1)
-                switch (height) {
-                case 12: FL_TILE(12); break;
-                case 11: FL_TILE(11); break;
-                case 10: FL_TILE(10); break;
-                case 9: FL_TILE(9); break;
-                case 8: FL_TILE(8); break;
-                case 7: FL_TILE(7); break;
-                case 6: FL_TILE(6); break;
-                case 5: FL_TILE(5); break;
-                case 4: FL_TILE(4); break;
-                case 3: FL_TILE(3); break;
-                case 2: FL_TILE(2); break;
-                default: FL_TILE(1); break;
+            const int start_from_c = job->beta_one || p0 > 0;
+            if (panels != NULL) {
+                /* panel of the tile at row: panels[(row - first) * depth + p * height + r] */
+                for (int64_t tile = 0, row = first; tile < tiles; tile++) {
+                    const int64_t height = (end - row) / (tiles - tile);
+                    REAL *panel = panels + (row - first) * depth;
+                    for (int64_t p = 0; p < depth; p++) {
+                        for (int64_t r = 0; r < height; r++) {
+                            panel[p * height + r] = a[(row + r) * a_row + (p0 + p) * a_step];
+                        }
+                    }
+                    row += height;
                 }
-                row += height;
-#undef FL_TILE
             }
+
+            for (int64_t col = block_begin * FL_BLOCK_COLS; col < col_end; col += FL_BLOCK_COLS) {
+                const int64_t left = n - col;
+                const int64_t cols_0 = left < LANES ? left : LANES;
+                const int64_t cols_1 = left - cols_0 < LANES ? left - cols_0 : LANES;
+                const VEC_MASK mask_0 = (VEC_MASK)((1ull << cols_0) - 1);
+                const VEC_MASK mask_1 = (VEC_MASK)((1ull << cols_1) - 1);
+                const REAL *w_slice = w + (col / FL_BLOCK_COLS) * block_stride + p0 * ldw;
+                for (int64_t tile = 0, row = first; tile < tiles; tile++) {
+                    const int64_t height = (end - row) / (tiles - tile);
+                    REAL *c_tile = c + row * ldc + col;
+                    if (panels != NULL) {
+                        const REAL *panel = panels + (row - first) * depth;
+#define FL_TILE(ROWS) FN(row_tile)(ROWS, 1, depth, panel, 0, 0, w_slice, FL_BLOCK_COLS, \
+                                   start_from_c, c_tile, ldc, mask_0, mask_1)
+                        switch (height) {
+                        case 12: FL_TILE(12); break;
+                        case 11: FL_TILE(11); break;
+                        case 10: FL_TILE(10); break;
+                        case 9: FL_TILE(9); break;
+                        case 8: FL_TILE(8); break;
+                        case 7: FL_TILE(7); break;
+                        case 6: FL_TILE(6); break;
+                        case 5: FL_TILE(5); break;
+                        case 4: FL_TILE(4); break;
+                        case 3: FL_TILE(3); break;
+                        case 2: FL_TILE(2); break;
+                        default: FL_TILE(1); break;
+                        }
+#undef FL_TILE
+                    } else {
+                        const REAL *a_tile = a + row * a_row + p0 * a_step;
+#define FL_TILE(ROWS) FN(row_tile)(ROWS, 0, depth, a_tile, a_row, a_step, w_slice, ldw, \
+                                   start_from_c, c_tile, ldc, mask_0, mask_1)
+                        switch (height) {
+                        case 12: FL_TILE(12); break;
+                        case 11: FL_TILE(11); break;
+                        case 10: FL_TILE(10); break;
+                        case 9: FL_TILE(9); break;
+                        case 8: FL_TILE(8); break;
+                        case 7: FL_TILE(7); break;
+                        case 6: FL_TILE(6); break;
+                        case 5: FL_TILE(5); break;
+                        case 4: FL_TILE(4); break;
+                        case 3: FL_TILE(3); break;
+                        case 2: FL_TILE(2); break;
+                        default: FL_TILE(1); break;
+                        }
+#undef FL_TILE
+                    }
+                    row += height;
+                }
             }
         }
     }
+    free(panels);
+}
+
+/* Runs the product on the pool's threads, a share of column blocks each, when there is enough work
+ * to pay for waking them. */
+static void FN(gemm_rows_parallel)(int64_t m, int64_t n, int64_t k, const REAL *a, int64_t a_row,
+                                   int64_t a_step, const REAL *w, int w_packed, int64_t ldw,
+                                   int64_t block_stride, int beta_one, REAL *c, int64_t ldc)
+{
+    const FN(row_product) job = {m, n, k, a_row, a_step, ldw, block_stride, ldc, a, w, c, beta_one,
+                                 w_packed};
+    const int64_t blocks = (n + FL_BLOCK_COLS - 1) / FL_BLOCK_COLS;
+    const int64_t block_work = m * k * FL_BLOCK_COLS;          /* multiply-adds per block */
+    fl_parallel_for(blocks, (FL_MIN_THREAD_WORK + block_work - 1) / block_work, FN(gemm_rows),
+                    (void *)&job);
 }
 
 #undef LANES
@@ -184,25 +275,18 @@ static inline int FN(uses_row_kernel)(int64_t weight_elems)
     return FL_ROW_KERNEL && weight_elems >= FL_BLAS_MIN_WEIGHTS && fl_row_kernel_on();
 }
 
-/* C[M, N] = A[M, K] @ W + beta * C through the row kernel, W packed by FN(pack). */
-static void FN(gemm_packed)(int64_t m, int64_t n, int64_t k, const REAL *a, int64_t lda,
-                            const REAL *packed, int beta_one, REAL *c, int64_t ldc)
+/* C[M, N] = op(A)[M, K] @ W + beta * C through the row kernel, W packed by FN(pack); with trans_a
+ * set, A is stored [K, M]. */
+static void FN(gemm_packed)(int trans_a, int64_t m, int64_t n, int64_t k, const REAL *a,
+                            int64_t lda, const REAL *packed, int beta_one, REAL *c, int64_t ldc)
 {
 #if FL_ROW_KERNEL
-    FN(gemm_rows)(m, n, k, a, lda, packed, FL_BLOCK_COLS, k * FL_BLOCK_COLS, beta_one, c, ldc);
+    FN(gemm_rows_parallel)(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, packed, 1,
+                           FL_BLOCK_COLS, k * FL_BLOCK_COLS, beta_one, c, ldc);
 #else
-    (void)m, (void)n, (void)k, (void)a, (void)lda, (void)packed, (void)beta_one, (void)c, (void)ldc;
+    (void)trans_a, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)packed, (void)beta_one;
+    (void)c, (void)ldc;
 #endif
-}
-
-/* A 64-byte aligned buffer of n elements, or NULL; release it with free. */
-static REAL *FN(alloc_aligned)(int64_t n)
-{
-    void *buffer = NULL;
-    if (n < 1 || posix_memalign(&buffer, 64, (size_t)n * sizeof(REAL)) != 0) {
-        return NULL;
-    }
-    return (REAL *)buffer;
 }
 
 /* Row-major C[M, N] = op(A)[M, K] @ op(B)[K, N] + beta * C, with beta 0 or 1. op transposes when
@@ -213,10 +297,11 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
                      int beta_one, REAL *restrict c, int64_t ldc, int64_t weight_elems)
 {
 #if FL_ROW_KERNEL
-    if (!trans_a && FN(uses_row_kernel)(weight_elems)) {
+    if (FN(uses_row_kernel)(weight_elems)) {
         if (!trans_b && m <= FL_TILE_ROWS) {
             /* One tile of rows reads W once: packing would only add a second pass. */
-            FN(gemm_rows)(m, n, k, a, lda, b, ldb, FL_BLOCK_COLS, beta_one, c, ldc);
+            FN(gemm_rows_parallel)(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, 0, ldb,
+                                   FL_BLOCK_COLS, beta_one, c, ldc);
             return;
         }
         /* Callers that multiply by the same W many times pack it once themselves. Without memory
@@ -224,7 +309,7 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
         REAL *packed = FN(alloc_aligned)(FN(packed_size)(k, n));
         if (packed != NULL) {
             FN(pack)(k, n, b, ldb, trans_b, packed);
-            FN(gemm_packed)(m, n, k, a, lda, packed, beta_one, c, ldc);
+            FN(gemm_packed)(trans_a, m, n, k, a, lda, packed, beta_one, c, ldc);
             free(packed);
             return;
         }
@@ -239,6 +324,7 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
         int fm = (int)n, fn = (int)m, fk = (int)k;
         int flda = (int)ldb, fldb = (int)lda, fldc = (int)ldc;
         REAL alpha = 1, beta = beta_one ? 1 : 0;
+        fl_pool_rest();
         FN(blas_gemm)(&fortran_trans_a, &fortran_trans_b, &fm, &fn, &fk, &alpha, (REAL *)b, &flda,
                       (REAL *)a, &fldb, &beta, c, &fldc);
         return;
@@ -286,7 +372,7 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
 
 /* sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: no overflow and no exception flag for any finite z, and
  * exactly 0 or 1 where it saturates. */
-static inline REAL FN(sigmoid)(REAL z)
+static inline __attribute__((always_inline)) REAL FN(sigmoid)(REAL z)
 {
     return (REAL)0.5 * TANH((REAL)0.5 * z) + (REAL)0.5;
 }
@@ -296,7 +382,7 @@ static inline REAL FN(sigmoid)(REAL z)
  *   c_prev [B, H] read;  c_next, h_next [B, H] written. c_next may be c_prev (in-place update). */
 /* One row of cell_forward. The gate blocks are restrict parameters, so the compiler may assume they
  * are disjoint and vectorizes the loop over units. c_prev and c_next may be the same row. */
-static inline void FN(cell_forward_row)(int64_t hidden, REAL *restrict zi, REAL *restrict zj,
+static inline __attribute__((always_inline)) void FN(cell_forward_row)(int64_t hidden, REAL *restrict zi, REAL *restrict zj,
                                         REAL *restrict zf, REAL *restrict zo, const REAL *c_prev,
                                         REAL *c_next, REAL *restrict h_next, REAL forget_bias)
 {
@@ -315,16 +401,49 @@ static inline void FN(cell_forward_row)(int64_t hidden, REAL *restrict zi, REAL 
     }
 }
 
+/* The cell's rows [begin, end) as a task of the thread pool, compiled twice: for the baseline
+ * instruction set and, for wide layers on AVX-512 CPUs, with 16 lanes. Both run the same IEEE
+ * operations in the same order (no contraction), so their results are bitwise equal. */
+typedef struct {
+    int64_t hidden;
+    REAL *gates;
+    const REAL *c_prev;
+    REAL *c_next, *h_next;
+    REAL forget_bias;
+} FN(cell_forward_job);
+
+#define FL_CELL_FORWARD_ROWS                                                                      \
+    {                                                                                             \
+        const FN(cell_forward_job) *job = (const FN(cell_forward_job) *)context;                 \
+        const int64_t hidden = job->hidden, g = 4 * hidden;                                       \
+        for (int64_t row = begin; row < end; row++) {                                             \
+            REAL *z = job->gates + row * g;                                                       \
+            FN(cell_forward_row)(hidden, z, z + hidden, z + 2 * hidden, z + 3 * hidden,           \
+                                 job->c_prev + row * hidden, job->c_next + row * hidden,          \
+                                 job->h_next + row * hidden, job->forget_bias);                   \
+        }                                                                                         \
+    }
+
+static void FN(cell_forward_rows)(void *context, int64_t begin, int64_t end)
+FL_CELL_FORWARD_ROWS
+
+#if FL_ROW_KERNEL
+static FL_AVX512 void FN(cell_forward_rows_wide)(void *context, int64_t begin, int64_t end)
+FL_CELL_FORWARD_ROWS
+#endif
+#undef FL_CELL_FORWARD_ROWS
+
 static void FN(cell_forward)(int64_t batch, int64_t hidden, REAL *gates, const REAL *c_prev,
                              REAL *c_next, REAL *h_next, REAL forget_bias)
 {
-    const int64_t g = 4 * hidden;
-    for (int64_t row = 0; row < batch; row++) {
-        REAL *z = gates + row * g;
-        FN(cell_forward_row)(hidden, z, z + hidden, z + 2 * hidden, z + 3 * hidden,
-                             c_prev + row * hidden, c_next + row * hidden, h_next + row * hidden,
-                             forget_bias);
+    const FN(cell_forward_job) job = {hidden, gates, c_prev, c_next, h_next, forget_bias};
+    fl_task task = FN(cell_forward_rows);
+#if FL_ROW_KERNEL
+    if (hidden >= FL_WIDE_CELL && fl_row_kernel_on()) {
+        task = FN(cell_forward_rows_wide);
     }
+#endif
+    fl_parallel_for(batch, (FL_MIN_CELL_WORK + hidden - 1) / hidden, task, (void *)&job);
 }
 
 /* Backward of one step for B rows.
@@ -333,7 +452,7 @@ static void FN(cell_forward)(int64_t batch, int64_t hidden, REAL *gates, const R
  *   d_c    [B, H] read as the gradient of c_t from step t + 1, written with that of c_{t-1}
  *   dz     [B, G] written: gradient of the pre-activations */
 /* One row of cell_backward; restrict for the same reason as in cell_forward_row. */
-static inline void FN(cell_backward_row)(int64_t hidden, const REAL *restrict ai,
+static inline __attribute__((always_inline)) void FN(cell_backward_row)(int64_t hidden, const REAL *restrict ai,
                                          const REAL *restrict aj, const REAL *restrict af,
                                          const REAL *restrict ao, const REAL *restrict c_prev,
                                          const REAL *restrict c_next, const REAL *restrict d_out,
@@ -358,19 +477,48 @@ static inline void FN(cell_backward_row)(int64_t hidden, const REAL *restrict ai
     }
 }
 
+typedef struct {
+    int64_t hidden;
+    const REAL *acts, *c_prev, *c_next, *d_out, *d_h;
+    REAL *d_c, *dz;
+} FN(cell_backward_job);
+
+#define FL_CELL_BACKWARD_ROWS                                                                     \
+    {                                                                                             \
+        const FN(cell_backward_job) *job = (const FN(cell_backward_job) *)context;               \
+        const int64_t hidden = job->hidden, g = 4 * hidden;                                       \
+        for (int64_t row = begin; row < end; row++) {                                             \
+            const REAL *a = job->acts + row * g;                                                  \
+            REAL *d = job->dz + row * g;                                                          \
+            const int64_t at = row * hidden;                                                      \
+            FN(cell_backward_row)(hidden, a, a + hidden, a + 2 * hidden, a + 3 * hidden,          \
+                                  job->c_prev + at, job->c_next + at, job->d_out + at,            \
+                                  job->d_h + at, job->d_c + at, d, d + hidden, d + 2 * hidden,    \
+                                  d + 3 * hidden);                                                \
+        }                                                                                         \
+    }
+
+static void FN(cell_backward_rows)(void *context, int64_t begin, int64_t end)
+FL_CELL_BACKWARD_ROWS
+
+#if FL_ROW_KERNEL
+static FL_AVX512 void FN(cell_backward_rows_wide)(void *context, int64_t begin, int64_t end)
+FL_CELL_BACKWARD_ROWS
+#endif
+#undef FL_CELL_BACKWARD_ROWS
+
 static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, const REAL *c_prev,
                               const REAL *c_next, const REAL *d_out, const REAL *d_h, REAL *d_c,
                               REAL *dz)
 {
-    const int64_t g = 4 * hidden;
-    for (int64_t row = 0; row < batch; row++) {
-        const REAL *a = acts + row * g;
-        REAL *d = dz + row * g;
-        const int64_t at = row * hidden;
-        FN(cell_backward_row)(hidden, a, a + hidden, a + 2 * hidden, a + 3 * hidden, c_prev + at,
-                              c_next + at, d_out + at, d_h + at, d_c + at, d, d + hidden,
-                              d + 2 * hidden, d + 3 * hidden);
+    const FN(cell_backward_job) job = {hidden, acts, c_prev, c_next, d_out, d_h, d_c, dz};
+    fl_task task = FN(cell_backward_rows);
+#if FL_ROW_KERNEL
+    if (hidden >= FL_WIDE_CELL && fl_row_kernel_on()) {
+        task = FN(cell_backward_rows_wide);
     }
+#endif
+    fl_parallel_for(batch, (FL_MIN_CELL_WORK + hidden - 1) / hidden, task, (void *)&job);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -462,7 +610,7 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
             FN(fill_rows)(rows, g, bias, z);
             if (FN(uses_row_kernel)(in * g)) {
                 FN(pack)(in, g, w_x, g, 0, packed_x);
-                FN(gemm_packed)(rows, g, in, inputs, in, packed_x, 1, z, g);
+                FN(gemm_packed)(0, rows, g, in, inputs, in, packed_x, 1, z, g);
             } else {
                 FN(gemm)(0, 0, rows, g, in, inputs, in, w_x, g, 1, z, g, in * g);
             }
@@ -478,7 +626,7 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
         }
         for (int64_t t = 0; t < steps; t++) {
             if (packed_w_h) {
-                FN(gemm_packed)(batch, g, hidden, h + t * bh, hidden, packed_h, 1, z + t * bg, g);
+                FN(gemm_packed)(0, batch, g, hidden, h + t * bh, hidden, packed_h, 1, z + t * bg, g);
             } else {
                 FN(gemm)(0, 0, batch, g, hidden, h + t * bh, hidden, w_h, g, 1, z + t * bg, g,
                          hidden * g);
@@ -492,6 +640,7 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
         layer_params = bias + g;
     }
     free(packed_x);
+    fl_pool_rest();
     return FL_OK;
 }
 
@@ -516,11 +665,13 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
      * layer's W_h and W_x in turn, made once per call instead of once per step. */
     const int64_t widest = dims->input > hidden ? dims->input : hidden;
     REAL *packed_t = NULL;                                     /* W_h^T [G, H] or W_x^T [G, I_l] */
+    REAL *packed_dz = NULL;                                    /* dZ [T * B, G], for dW_x and dW_h */
     if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
-        packed_t = FN(alloc_aligned)(FN(packed_size)(g, widest));
+        packed_t = FN(alloc_aligned)(FN(packed_size)(g, widest) + FN(packed_size)(rows, g));
         if (packed_t == NULL) {
             return FL_ENOMEM;
         }
+        packed_dz = packed_t + FN(packed_size)(g, widest);
     }
 
     /* Gradient of the outputs of the layer being processed: d_y for the top layer, then the input
@@ -558,23 +709,32 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
             FN(cell_backward)(batch, hidden, acts + t * bg, c + t * bh, c + (t + 1) * bh,
                               d_out + t * bh, d_h, d_c, dz + t * bg);
             if (packed_w_h) {
-                FN(gemm_packed)(batch, hidden, g, dz + t * bg, g, packed_t, 0, d_h, hidden);
+                FN(gemm_packed)(0, batch, hidden, g, dz + t * bg, g, packed_t, 0, d_h, hidden);
             } else {
                 FN(gemm)(0, 1, batch, hidden, g, dz + t * bg, g, w_h, g, 0, d_h, hidden,
                          hidden * g);
             }
         }
 
-        /* Weight gradients for all steps at once. */
+        /* Weight gradients for all steps at once; the row kernel reads dZ packed, once for both. */
+        if (packed_dz != NULL) {
+            FN(pack)(rows, g, dz, g, 0, packed_dz);
+        }
         if (l == 0 && ids != NULL) {
             /* dW_x[ids] += dZ, the one-hot X^T @ dZ */
             FN(scatter_add_rows)(rows, g, ids, dz, dw_x);
-        } else {
+        } else if (FN(uses_row_kernel)(in * g)) {
             /* dW_x += X^T @ dZ */
+            FN(gemm_packed)(1, in, g, rows, inputs, in, packed_dz, 1, dw_x, g);
+        } else {
             FN(gemm)(1, 0, in, g, rows, inputs, in, dz, g, 1, dw_x, g, in * g);
         }
         /* dW_h += H_prev^T @ dZ, where H_prev = h[0:T] */
-        FN(gemm)(1, 0, hidden, g, rows, h, hidden, dz, g, 1, dw_h, g, hidden * g);
+        if (FN(uses_row_kernel)(hidden * g)) {
+            FN(gemm_packed)(1, hidden, g, rows, h, hidden, packed_dz, 1, dw_h, g);
+        } else {
+            FN(gemm)(1, 0, hidden, g, rows, h, hidden, dz, g, 1, dw_h, g, hidden * g);
+        }
         /* db += sum over rows of dZ */
         for (int64_t row = 0; row < rows; row++) {
             const REAL *dz_row = dz + row * g;
@@ -588,7 +748,7 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
             REAL *d_inputs = l == 0 ? d_x : d_hidden;
             if (FN(uses_row_kernel)(in * g)) {
                 FN(pack)(g, in, w_x, g, 1, packed_t);
-                FN(gemm_packed)(rows, in, g, dz, g, packed_t, 0, d_inputs, in);
+                FN(gemm_packed)(0, rows, in, g, dz, g, packed_t, 0, d_inputs, in);
             } else {
                 FN(gemm)(0, 1, rows, in, g, dz, g, w_x, g, 0, d_inputs, in, in * g);
             }
@@ -596,6 +756,7 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
         d_out = d_hidden;
     }
     free(packed_t);
+    fl_pool_rest();
     return FL_OK;
 }
 
@@ -634,6 +795,7 @@ int FN(fl_step)(const fl_dims *dims, const REAL *params, const REAL *x_t, const 
         FN(cell_forward)(batch, hidden, gates, c, c, h, (REAL)forget_bias);
         inputs = h;
     }
+    fl_pool_rest();
     return FL_OK;
 }
 

@@ -16,7 +16,7 @@
 /* exp(y) for 0 <= y <= 18 (and NaN), written with plain arithmetic so that loops over it vectorize.
  * y = n ln2 + r with |r| <= ln2 / 2; exp(r) by its Taylor polynomial of degree 7 (truncation below
  * 1e-8 relative); 2^n built from the exponent bits. */
-static inline float fl_exp_small_f32(float y)
+static inline __attribute__((always_inline)) float fl_exp_small_f32(float y)
 {
     const float shift = 12582912.0f;                 /* 1.5 * 2^23: adding it rounds to an integer */
     const float k = y * 1.44269504088896341f + shift;
@@ -44,7 +44,8 @@ static inline float fl_exp_small_f32(float y)
 /* Returns if_true where mask is all ones and if_false where it is zero, bit for bit. A C conditional
  * on floats would let the compiler keep branches: under the default -ftrapping-math it may not
  * evaluate both operands, and a branch stops the loop from vectorizing. */
-static inline float fl_select_f32(uint32_t mask, float if_true, float if_false)
+static inline __attribute__((always_inline)) float fl_select_f32(uint32_t mask, float if_true,
+                                                                float if_false)
 {
     uint32_t true_bits, false_bits, bits;
     float result;
@@ -64,7 +65,7 @@ static inline float fl_select_f32(uint32_t mask, float if_true, float if_false)
  *
  * The range tests compare the bits of |x| as integers and blend with masks: a float comparison may
  * raise an exception on NaN, and either would stop the loops around it from vectorizing. */
-static inline float fl_tanh_f32(float x)
+static inline __attribute__((always_inline)) float fl_tanh_f32(float x)
 {
     const uint32_t small_limit_bits = 0x3F0CCCCDu;   /* 0.55f */
     const uint32_t saturation_bits = 0x411028F6u;    /* 9.01f */

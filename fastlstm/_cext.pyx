@@ -47,6 +47,9 @@ cdef extern from "fastlstm.h" nogil:
     void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm)
     int fl_row_kernel_available()
     int fl_set_row_kernel(int enable)
+    int fl_set_num_threads(int threads)
+    int fl_get_num_threads()
+    int FL_MAX_THREADS
     int fl_optimizer_slots(int kind)
     int64_t fl_num_params(const fl_dims *dims)
     void fl_tanh_array_f32(int64_t n, const float *x, float *out)
@@ -105,6 +108,19 @@ def row_kernel_available():
 def set_row_kernel(bint enable):
     """Turn the row kernel on (where available) or off, for comparisons; returns the new setting."""
     return bool(fl_set_row_kernel(enable))
+
+
+MAX_THREADS = FL_MAX_THREADS
+
+
+def set_num_threads(int threads):
+    """Set the row kernel's thread count, the calling thread included (checked by the caller)."""
+    if fl_set_num_threads(threads) != 0:
+        raise ValueError(f"threads must be in [1, {FL_MAX_THREADS}], got {threads}")
+
+
+def get_num_threads():
+    return fl_get_num_threads()
 
 cdef enum:
     MAX_BUFFERS = 24
