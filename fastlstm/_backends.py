@@ -58,10 +58,12 @@ d_state, d_x, dz, d_hidden, forget_bias, optimizer, hyper, slots, head_slots, st
     Returns the window's mean loss, computed before the update.
 """
 
+import operator
 import os
 
 BACKEND_NAMES = ("c", "numba")
 _ENV_VARIABLE = "FASTLSTM_BACKEND"
+_THREADS_VARIABLES = ("FASTLSTM_NUM_THREADS", "OMP_NUM_THREADS")
 _modules = {}
 _failures = {}
 
@@ -74,6 +76,8 @@ def _load(name):
     try:
         if name == "c":
             from fastlstm import _cext as module
+
+            module.set_num_threads(_default_threads())
         else:
             from fastlstm import _numba_kernels as module
     except ImportError as error:
@@ -128,3 +132,58 @@ def resolve_backend(name="auto"):
     if module is None:
         raise ImportError(f"fastlstm backend {name!r} is not available: {_failures[name]}")
     return name, module
+
+
+def _check_threads(threads, what):
+    from fastlstm._cext import MAX_THREADS
+
+    if isinstance(threads, bool):
+        raise TypeError(f"{what} must be an int, got {threads!r}")
+    try:
+        value = operator.index(threads)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(threads).__name__} {threads!r}") from None
+    if not 1 <= value <= MAX_THREADS:
+        raise ValueError(f"{what} must be in [1, {MAX_THREADS}], got {value}")
+    return value
+
+
+def _default_threads():
+    """FASTLSTM_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may run on."""
+    from fastlstm._cext import MAX_THREADS
+
+    for variable in _THREADS_VARIABLES:
+        text = os.environ.get(variable, "").strip()
+        if text:
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"environment variable {variable} must be an integer in "
+                                 f"[1, {MAX_THREADS}], got {text!r}") from None
+            return _check_threads(value, f"environment variable {variable}")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_THREADS))
+
+
+def set_num_threads(threads):
+    """Set how many threads the C backend's row kernel uses, the calling thread included.
+
+    The threads split each large product and the cell by columns or rows, so the results are bitwise
+    the same for every count. The default is ``FASTLSTM_NUM_THREADS``, else ``OMP_NUM_THREADS``,
+    else the number of CPUs this process may run on. The setting is process-wide; a call made while
+    another thread is inside a kernel runs on its calling thread alone. It has no effect on the Numba
+    backend or on BLAS, whose threads ``threadpoolctl`` sets.
+    """
+    module = _load("c")
+    if module is None:
+        raise ImportError(f"fastlstm backend 'c' is not available: {_failures['c']}")
+    module.set_num_threads(_check_threads(threads, "threads"))
+
+
+def get_num_threads():
+    """The C backend's thread count (see ``set_num_threads``); 1 when the C backend is missing."""
+    module = _load("c")
+    return 1 if module is None else module.get_num_threads()

@@ -1,0 +1,180 @@
+"""The C backend's thread pool: results independent of the thread count, the setting's checks,
+Python threads sharing the pool, and a forked child that keeps working."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import reference
+from helpers import assert_close, make_model, random_inputs, reference_forward
+
+import fastlstm
+
+pytestmark = pytest.mark.skipif(not fastlstm.backends()["c"]["available"],
+                                reason="the C backend is not available")
+
+# Large enough that the pool splits every product and the cell: weights of 64 * 512 and
+# 128 * 512 elements, and 16 rows per step.
+INPUT, HIDDEN, LAYERS, BATCH, STEPS = 64, 128, 2, 16, 8
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread setting after the test."""
+    before = fastlstm.get_num_threads()
+    yield fastlstm.set_num_threads
+    fastlstm.set_num_threads(before)
+
+
+def _window(dtype, x, state, labels):
+    """Forward, backward, a step and a fused training window of fresh models; every result that a
+    thread count could touch."""
+    model = make_model("c", INPUT, HIDDEN, LAYERS, dtype)
+    head = fastlstm.SoftmaxHead(HIDDEN, 7, dtype=dtype, backend="c", seed=0)
+    state = state.copy()
+    y, tape = model.forward(x, state, keep_tape=True)
+    grads = model.backward(tape, np.full(y.shape, 0.1, dtype=dtype),
+                           np.full(state.shape, 0.1, dtype=dtype))
+    stepped = model.step(x[:, 0], state.copy())
+    trainer = fastlstm.Trainer(model, head, fastlstm.Adam(0.01), window=x.shape[1], progress=False)
+    loss = trainer.train_window(x, labels)
+    return {"outputs": y, "state": state, "params gradient": grads.params.copy(),
+            "state gradient": grads.initial_state.copy(), "input gradient": grads.inputs.copy(),
+            "step": stepped.copy(), "loss": np.array(loss), "trained params": model.params.copy(),
+            "trained head": head.params.copy()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_results_do_not_depend_on_thread_count(threads, dtype):
+    x, state = random_inputs(make_model("c", INPUT, HIDDEN, LAYERS, dtype), BATCH, STEPS)
+    labels = np.random.default_rng(1).integers(0, 7, size=(BATCH, STEPS))
+    threads(1)
+    one = _window(dtype, x, state, labels)
+    for count in (2, 3):
+        threads(count)
+        other = _window(dtype, x, state, labels)
+        for name in one:
+            np.testing.assert_array_equal(other[name], one[name], err_msg=f"{name}, {count} threads")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("count", [1, 2])
+def test_threaded_results_match_reference(threads, dtype, count):
+    threads(count)
+    model = make_model("c", INPUT, HIDDEN, LAYERS, dtype)
+    x, state = random_inputs(model, BATCH, STEPS)
+    expected_y, expected_state, tape_ref = reference_forward(model, x, state)
+    y, tape = model.forward(x, state, keep_tape=True)
+    assert_close(y, expected_y, dtype, "outputs")
+    assert_close(state, expected_state, dtype, "final state")
+    d_y = np.random.default_rng(4).normal(size=y.shape).astype(dtype)
+    grads = model.backward(tape, d_y)
+    d_params, d_state, d_x = reference.backward(model.params.astype(np.float64), tape_ref,
+                                                d_y.transpose(1, 0, 2).astype(np.float64))
+    assert_close(grads.params, d_params, dtype, "params gradient")
+    assert_close(grads.initial_state, d_state, dtype, "state gradient")
+    assert_close(grads.inputs, d_x.transpose(1, 0, 2), dtype, "input gradient")
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (0, ValueError, r"threads must be in \[1, 64\], got 0"),
+    (65, ValueError, r"threads must be in \[1, 64\], got 65"),
+    (-2, ValueError, r"got -2"),
+    (2.0, TypeError, r"threads must be an int, got float 2.0"),
+    ("2", TypeError, r"threads must be an int, got str '2'"),
+    (True, TypeError, r"threads must be an int, got True"),
+])
+def test_bad_thread_count_is_rejected(threads, bad, error, message):
+    threads(3)
+    with pytest.raises(error, match=message):
+        fastlstm.set_num_threads(bad)
+    assert fastlstm.get_num_threads() == 3
+
+
+def test_numpy_integer_thread_count_is_accepted(threads):
+    threads(np.int64(2))
+    assert fastlstm.get_num_threads() == 2
+
+
+def _run_python(code, env_update):
+    env = dict(os.environ)
+    env.update(env_update)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("variables, expected", [
+    ({"FASTLSTM_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}, "3"),
+    ({"FASTLSTM_NUM_THREADS": "", "OMP_NUM_THREADS": "2"}, "2"),
+])
+def test_default_thread_count_from_environment(variables, expected):
+    result = _run_python("import fastlstm; print(fastlstm.get_num_threads())", variables)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_bad_thread_variable_names_it():
+    code = """
+        import numpy as np, fastlstm
+        fastlstm.LSTM(2, 3, backend="c")
+    """
+    result = _run_python(code, {"FASTLSTM_NUM_THREADS": "many"})
+    assert result.returncode != 0
+    assert "environment variable FASTLSTM_NUM_THREADS must be an integer in [1, 64], got 'many'" in result.stderr
+
+
+def test_python_threads_share_the_pool(threads):
+    threads(2)
+    model = make_model("c", INPUT, HIDDEN, LAYERS, np.float32)
+    inputs = [random_inputs(model, BATCH, STEPS, seed=seed) for seed in range(6)]
+
+    def run(x, state):
+        state = state.copy()
+        y, tape = model.forward(x, state, keep_tape=True)
+        return y, state, model.backward(tape, y).params.copy()
+
+    expected = [run(x, state) for x, state in inputs]
+    results = [None] * len(inputs)
+    barrier = threading.Barrier(len(inputs))
+
+    def worker(index):
+        barrier.wait()
+        for _ in range(5):
+            results[index] = run(*inputs[index])
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(len(inputs))]
+    for worker_thread in workers:
+        worker_thread.start()
+    for worker_thread in workers:
+        worker_thread.join(timeout=300)
+        assert not worker_thread.is_alive(), "a thread did not finish: the pool deadlocked"
+    for index, (got, want) in enumerate(zip(results, expected)):
+        for name, a, b in zip(("outputs", "state", "params gradient"), got, want):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}, Python thread {index}")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_runs_kernels():
+    # The parent's pool threads do not exist in a forked child; the child must start its own
+    # instead of waiting forever for them.
+    code = """
+        import os, sys
+        import numpy as np, fastlstm
+        fastlstm.set_num_threads(2)
+        model = fastlstm.LSTM(64, 128, 2, backend="c", seed=0)
+        x = np.random.default_rng(0).normal(size=(16, 8, 64)).astype(np.float32)
+        expected = model.forward(x, model.zero_state(16))[0]
+        pid = os.fork()
+        if pid == 0:
+            y = model.forward(x, model.zero_state(16))[0]
+            os._exit(0 if np.array_equal(y, expected) else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """
+    result = _run_python(code, {})
+    assert result.returncode == 0, result.stderr
