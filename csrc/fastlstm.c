@@ -165,10 +165,17 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
     }
 }
 
+void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
+{
+    for (int64_t k = 0; k < n; k++) {
+        out[k] = fl_exp_negative_f32(x[k]);
+    }
+}
+
 #define REAL float
 #define FL_SUFFIX f32
 #define TANH fl_tanh_f32
-#define EXP expf
+#define SOFTMAX_EXP fl_exp_negative_f32
 #define LOG logf
 #define SQRT sqrtf
 #if FL_ROW_KERNEL
@@ -185,7 +192,7 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #undef REAL
 #undef FL_SUFFIX
 #undef TANH
-#undef EXP
+#undef SOFTMAX_EXP
 #undef LOG
 #undef SQRT
 #undef VEC
@@ -200,7 +207,7 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #define REAL double
 #define FL_SUFFIX f64
 #define TANH tanh
-#define EXP exp
+#define SOFTMAX_EXP exp
 #define LOG log
 #define SQRT sqrt
 #if FL_ROW_KERNEL
@@ -217,7 +224,7 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
 #undef REAL
 #undef FL_SUFFIX
 #undef TANH
-#undef EXP
+#undef SOFTMAX_EXP
 #undef LOG
 #undef SQRT
 #undef VEC

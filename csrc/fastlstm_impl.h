@@ -1,7 +1,8 @@
 /*
  * Type-generic body of the fastlstm kernels. fastlstm.c includes it twice: once with REAL = float
- * and FL_SUFFIX = f32, once with REAL = double and FL_SUFFIX = f64. TANH, EXP, LOG and SQRT name
- * the libm functions of that type, and blas_gemm_<suffix> the Fortran gemm installed by fl_set_blas.
+ * and FL_SUFFIX = f32, once with REAL = double and FL_SUFFIX = f64. TANH, SOFTMAX_EXP, LOG and
+ * SQRT name the functions of that type (libm's, or for float32 the vectorizable ones of
+ * fastlstm_math.h), and blas_gemm_<suffix> the Fortran gemm installed by fl_set_blas.
  *
  * Shapes use the letters of fastlstm.h. Gate column blocks are i, j, f, o at offsets 0, H, 2H, 3H.
  */
@@ -803,6 +804,64 @@ int FN(fl_step)(const fl_dims *dims, const REAL *params, const REAL *x_t, const 
  * Softmax cross-entropy head.
  */
 
+/* Softmax rows [begin, end) of probs [N, C] in place, with each row's loss -log p[label]. The sum
+ * of a row runs in FL_SUM_LANES fixed partial sums combined in a fixed order, so that it vectorizes
+ * and its bits do not depend on where the row is. */
+#define FL_SUM_LANES 16
+typedef struct {
+    int64_t classes;
+    REAL *probs;
+    const int64_t *labels;
+    double *row_losses;
+} FN(softmax_job);
+
+#define FL_SOFTMAX_ROWS                                                                           \
+    {                                                                                             \
+        const FN(softmax_job) *job = (const FN(softmax_job) *)context;                           \
+        const int64_t classes = job->classes;                                                     \
+        for (int64_t row = begin; row < end; row++) {                                             \
+            REAL *p = job->probs + row * classes;                                                 \
+            REAL max_logit = p[0];                                                                \
+            for (int64_t k = 1; k < classes; k++) {                                               \
+                max_logit = p[k] > max_logit ? p[k] : max_logit;                                  \
+            }                                                                                     \
+            const REAL label_logit = p[job->labels[row]] - max_logit;                             \
+            for (int64_t k = 0; k < classes; k++) {                                               \
+                p[k] = SOFTMAX_EXP(p[k] - max_logit);                                             \
+            }                                                                                     \
+            REAL partial[FL_SUM_LANES] = {0};                                                     \
+            int64_t k = 0;                                                                        \
+            for (; k + FL_SUM_LANES <= classes; k += FL_SUM_LANES) {                              \
+                for (int lane = 0; lane < FL_SUM_LANES; lane++) {                                 \
+                    partial[lane] += p[k + lane];                                                 \
+                }                                                                                 \
+            }                                                                                     \
+            for (int lane = 0; k < classes; k++, lane++) {                                        \
+                partial[lane] += p[k];                                                            \
+            }                                                                                     \
+            for (int width = FL_SUM_LANES / 2; width > 0; width /= 2) {                           \
+                for (int lane = 0; lane < width; lane++) {                                        \
+                    partial[lane] += partial[lane + width];                                       \
+                }                                                                                 \
+            }                                                                                     \
+            const REAL sum = partial[0];                                                          \
+            const REAL inverse = (REAL)1 / sum;                                                   \
+            for (int64_t c = 0; c < classes; c++) {                                               \
+                p[c] *= inverse;                                                                  \
+            }                                                                                     \
+            job->row_losses[row] = (double)LOG(sum) - (double)label_logit;                        \
+        }                                                                                         \
+    }
+
+static void FN(softmax_rows)(void *context, int64_t begin, int64_t end)
+FL_SOFTMAX_ROWS
+
+#if FL_ROW_KERNEL
+static FL_AVX512 void FN(softmax_rows_wide)(void *context, int64_t begin, int64_t end)
+FL_SOFTMAX_ROWS
+#endif
+#undef FL_SOFTMAX_ROWS
+
 int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REAL *inputs,
                         const REAL *head_params, const int64_t *labels, REAL *probs,
                         REAL *d_inputs, REAL *head_grad, double *loss)
@@ -826,26 +885,25 @@ int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REA
     FN(gemm)(0, 0, rows, classes, hidden, inputs, hidden, w, classes, 1, probs, classes,
              hidden * classes);
 
-    /* Softmax with the row maximum subtracted, and the loss -log p[label]. */
+    /* Softmax with the row maximum subtracted, and the loss -log p[label], on the pool's threads
+     * by rows. The row losses are summed in row order afterwards. */
+    double *row_losses = (double *)malloc((size_t)rows * sizeof(double));
+    if (row_losses == NULL) {
+        return FL_ENOMEM;
+    }
+    const FN(softmax_job) job = {classes, probs, labels, row_losses};
+    fl_task task = FN(softmax_rows);
+#if FL_ROW_KERNEL
+    if (classes >= FL_WIDE_CELL && fl_row_kernel_on()) {
+        task = FN(softmax_rows_wide);
+    }
+#endif
+    fl_parallel_for(rows, (FL_MIN_CELL_WORK + classes - 1) / classes, task, (void *)&job);
     double loss_sum = 0.0;
     for (int64_t row = 0; row < rows; row++) {
-        REAL *p = probs + row * classes;
-        REAL max_logit = p[0];
-        for (int64_t k = 1; k < classes; k++) {
-            max_logit = p[k] > max_logit ? p[k] : max_logit;
-        }
-        const REAL label_logit = p[labels[row]] - max_logit;
-        REAL sum = 0;
-        for (int64_t k = 0; k < classes; k++) {
-            p[k] = EXP(p[k] - max_logit);
-            sum += p[k];
-        }
-        const REAL inverse = (REAL)1 / sum;
-        for (int64_t k = 0; k < classes; k++) {
-            p[k] *= inverse;
-        }
-        loss_sum += (double)LOG(sum) - (double)label_logit;
+        loss_sum += row_losses[row];
     }
+    free(row_losses);
     *loss = loss_sum / (double)rows;
 
     /* dLogits = (P - onehot(labels)) / N. Large heads get their own buffer so that BLAS can

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* exp(y) for 0 <= y <= 18 (and NaN), written with plain arithmetic so that loops over it vectorize.
+/* exp(y) for -87 <= y <= 18 (and NaN), written with plain arithmetic so that loops over it vectorize.
  * y = n ln2 + r with |r| <= ln2 / 2; exp(r) by its Taylor polynomial of degree 7 (truncation below
  * 1e-8 relative); 2^n built from the exponent bits. */
 static inline __attribute__((always_inline)) float fl_exp_small_f32(float y)
@@ -93,6 +93,22 @@ static inline __attribute__((always_inline)) float fl_tanh_f32(float x)
 
     const float magnitude = fl_select_f32(is_small, small, fl_select_f32(saturated, 1.0f, medium));
     return copysignf(magnitude, x);
+}
+
+/* exp(x) for x <= 0, the softmax's exp(logit - max logit), vectorizable like fl_tanh_f32. Below
+ * -87, where exp(x) < 1.7e-38 needs the subnormal range, it returns 0; -inf gives 0 and NaN stays
+ * NaN. */
+static inline __attribute__((always_inline)) float fl_exp_negative_f32(float x)
+{
+    const uint32_t limit_bits = 0x42AE0000u;         /* 87.0f */
+    const uint32_t infinity_bits = 0x7F800000u;
+    const float a = fabsf(x);
+    uint32_t a_bits;
+    memcpy(&a_bits, &a, sizeof a_bits);
+    const uint32_t underflow = 0u - (uint32_t)((a_bits > limit_bits) & (a_bits <= infinity_bits));
+    /* The polynomial gets 0 where the result is discarded, so that it raises no flag there. */
+    const float y = fl_select_f32(underflow, 0.0f, x);
+    return fl_select_f32(underflow, 0.0f, fl_exp_small_f32(y));
 }
 
 #endif /* FASTLSTM_MATH_H */

@@ -1,13 +1,15 @@
 /*
- * A small thread pool for the row kernel: the caller and up to FL_MAX_THREADS - 1 workers split a
- * range of column blocks. Work is split by columns only, and every column is computed by the same
- * instructions whichever thread takes it, so results are bitwise the same for any thread count.
+ * A small thread pool for the row kernel and the cell. A job is a range of items (column blocks or
+ * rows) cut into a few chunks more than there are threads; the caller and the workers claim chunks
+ * from an atomic counter until none is left. Every item is computed by the same instructions
+ * whichever thread claims it, so results are bitwise the same for any thread count.
  *
- * The time loop hands out a job per step, tens of microseconds apart, so a worker spins for a while
- * after a job before it sleeps on the condition variable; waking a sleeping thread costs more than a
- * small job. Only one caller uses the pool at a time: a call that finds it busy (another Python
- * thread is inside a kernel) runs its job alone. A child process after fork starts without workers
- * and creates its own on first use.
+ * Claiming, rather than a fixed share per thread, matters on a busy machine: when a worker is not
+ * scheduled (another library's threads spin on the other core), the caller takes its chunks instead
+ * of waiting for it. The time loop hands out a job per step, microseconds apart, so a worker spins
+ * for a while after a job before it sleeps on the condition variable. Only one caller uses the pool
+ * at a time: a call that finds it busy (another Python thread is inside a kernel) runs its job
+ * alone. A child process after fork starts without workers and creates its own on first use.
  */
 #include "fastlstm_pool.h"
 
@@ -22,6 +24,10 @@
 #define FL_PAUSE() _mm_pause()
 #else
 #define FL_PAUSE() ((void)0)
+#endif
+
+#ifndef FL_CHUNKS_PER_THREAD
+#define FL_CHUNKS_PER_THREAD 2
 #endif
 
 /* How long a worker spins after a job before it sleeps, in nanoseconds. */
@@ -42,21 +48,30 @@ static struct {
     int threads;                     /* threads per job, the caller included */
     atomic_flag busy;                /* held by the caller that owns the pool */
     atomic_uint_fast64_t generation; /* bumped once per job */
-    atomic_int finished;             /* workers done with the current job */
     atomic_int resting;              /* set by fl_pool_rest: sleep now instead of spinning */
-    int parts;                       /* parts of the current job, the caller's included */
+    atomic_int open;                 /* 1 while the current job hands out chunks */
+    atomic_int active;               /* workers inside the current job */
+    atomic_int_fast64_t next_chunk;  /* the next chunk to claim */
+    atomic_int helpers;              /* workers the current job may use: 1 .. helpers */
+    int64_t chunks, items;
     fl_task task;
     void *context;
-    int64_t items;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, {0}, 0, 1, ATOMIC_FLAG_INIT, 0, 0,
-          0, 1, NULL, NULL, 0};
+          0, 0, 0, 0, 0, 0, NULL, NULL};
 
-static void run_part(int part)
+/* Claims and runs chunks of the current job until none is left. */
+static void run_chunks(void)
 {
-    const int64_t begin = pool.items * part / pool.parts;
-    const int64_t end = pool.items * (part + 1) / pool.parts;
-    if (begin < end) {
-        pool.task(pool.context, begin, end);
+    for (;;) {
+        const int64_t chunk = atomic_fetch_add_explicit(&pool.next_chunk, 1, memory_order_relaxed);
+        if (chunk >= pool.chunks) {
+            return;
+        }
+        const int64_t begin = pool.items * chunk / pool.chunks;
+        const int64_t end = pool.items * (chunk + 1) / pool.chunks;
+        if (begin < end) {
+            pool.task(pool.context, begin, end);
+        }
     }
 }
 
@@ -86,10 +101,18 @@ static void *worker_main(void *arg)
             pthread_mutex_unlock(&pool.lock);
         }
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
-        if (part < pool.parts) {
-            run_part(part);
+        if (part > atomic_load_explicit(&pool.helpers, memory_order_relaxed)) {
+            continue;   /* started for a larger thread count than the current one */
         }
-        atomic_fetch_add_explicit(&pool.finished, 1, memory_order_release);
+
+        /* Announce first, then look: either the caller sees this worker active and waits for it,
+         * or this worker sees the job closed and touches nothing of it (sequentially consistent
+         * order of the two stores and the two loads). */
+        atomic_fetch_add(&pool.active, 1);
+        if (atomic_load(&pool.open)) {
+            run_chunks();
+        }
+        atomic_fetch_sub(&pool.active, 1);
     }
     return NULL;
 }
@@ -156,27 +179,33 @@ void fl_parallel_for(int64_t items, int64_t min_items_per_thread, fl_task task, 
         task(context, 0, items);
         return;
     }
-    const int workers = start_workers(threads);
-    if (workers < 1) {
+    if (start_workers(threads) < 1) {
         atomic_flag_clear_explicit(&pool.busy, memory_order_release);
         task(context, 0, items);
         return;
     }
 
-    /* Every started worker wakes for every job; those past the job's parts only report back. */
-    pool.parts = threads < workers + 1 ? threads : workers + 1;
+    /* Up to FL_CHUNKS_PER_THREAD chunks per thread, each still worth waking a thread for. */
+    int64_t chunks = items / min_items_per_thread;
+    if (chunks > FL_CHUNKS_PER_THREAD * (int64_t)threads) {
+        chunks = FL_CHUNKS_PER_THREAD * (int64_t)threads;
+    }
+    pool.chunks = chunks;
+    pool.items = items;
     pool.task = task;
     pool.context = context;
-    pool.items = items;
-    atomic_store_explicit(&pool.finished, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.helpers, threads - 1, memory_order_relaxed);
+    atomic_store_explicit(&pool.next_chunk, 0, memory_order_relaxed);
     atomic_store_explicit(&pool.resting, 0, memory_order_relaxed);
+    atomic_store(&pool.open, 1);
     pthread_mutex_lock(&pool.lock);
     atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    run_part(0);
-    while (atomic_load_explicit(&pool.finished, memory_order_acquire) < workers) {
+    run_chunks();
+    atomic_store(&pool.open, 0);
+    while (atomic_load(&pool.active) > 0) {
         FL_PAUSE();
     }
     atomic_flag_clear_explicit(&pool.busy, memory_order_release);

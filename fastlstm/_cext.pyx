@@ -53,6 +53,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_optimizer_slots(int kind)
     int64_t fl_num_params(const fl_dims *dims)
     void fl_tanh_array_f32(int64_t n, const float *x, float *out)
+    void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 
     int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, const int64_t *ids,
                        float *state, float *gates, float *cs, float *hs, double forget_bias,
@@ -298,6 +299,17 @@ def tanh_f32(x):
     with nogil:
         fl_tanh_array_f32(cnp.PyArray_DIM(xa, 0), <float *>cnp.PyArray_DATA(xa),
                           <float *>cnp.PyArray_DATA(out))
+    return out
+
+
+def exp_negative_f32(x):
+    """Return exp of a float32 array of values <= 0 with the softmax's own exp (for accuracy tests)."""
+    cdef _Buffers buffers = _Buffers(cnp.NPY_FLOAT32)
+    cdef cnp.ndarray xa = buffers.check("x", x, cnp.NPY_FLOAT32, 1, -1)
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT32, 0)
+    with nogil:
+        fl_exp_negative_array_f32(cnp.PyArray_DIM(xa, 0), <float *>cnp.PyArray_DATA(xa),
+                                  <float *>cnp.PyArray_DATA(out))
     return out
 
 

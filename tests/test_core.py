@@ -354,6 +354,25 @@ def test_c_float32_tanh_accuracy():
     np.testing.assert_array_equal(np.sign(got), np.sign(expected))
 
 
+def test_c_float32_softmax_exp_accuracy():
+    """The softmax's vectorizable float32 exp stays within 2 ulp of the exactly rounded value down
+    to -87, and returns exactly 0 below, where the exact value needs the subnormal range."""
+    cext = pytest.importorskip("fastlstm._cext", reason="the C extension is not built")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        -rng.uniform(0.0, 87.0, size=1_000_000),
+        -np.float32(10.0) ** rng.uniform(-40, 1, size=200_000),    # subnormals to -10
+    ]).astype(np.float32)
+    expected = np.exp(x.astype(np.float64)).astype(np.float32)
+    got = cext.exp_negative_f32(x)
+    ulps = np.abs(got.astype(np.float64) - expected) / np.spacing(expected)
+    assert ulps.max() <= 2.0
+    special = np.array([0.0, -0.0, -87.5, -200.0, -1e30, -np.inf, np.nan], dtype=np.float32)
+    got = cext.exp_negative_f32(special)
+    np.testing.assert_array_equal(got[:6], [1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    assert np.isnan(got[6])
+
+
 def test_c_float32_tanh_special_values():
     cext = pytest.importorskip("fastlstm._cext", reason="the C extension is not built")
     x = np.array([0.0, -0.0, 9.02, -9.02, 1e4, -1e4, np.inf, -np.inf, np.nan], dtype=np.float32)
