@@ -334,16 +334,25 @@ class FastlstmPeer(Peer):
         return fastlstm.__version__
 
     def notes(self):
-        if not self._fused:
-            return []
-        path = "the fused train_window" if all(self._fused) else "forward, head, backward and update as separate calls"
-        return [f"{self.title} trained with a head through Trainer.train_window, which took {path}"]
+        notes = []
+        if self.backend == "c":
+            kernel = ("its AVX-512 row kernel" if fastlstm.backends()["c"]["row_kernel"]
+                      else "scipy's OpenBLAS (this CPU lacks AVX-512F)")
+            notes.append(f"{self.title} multiplied weights of 4096 elements or more by {kernel}, on "
+                         f"{fastlstm.get_num_threads()} thread(s) of its own pool")
+        if self._fused:
+            path = ("the fused train_window" if all(self._fused)
+                    else "forward, head, backward and update as separate calls")
+            notes.append(f"{self.title} trained with a head through Trainer.train_window, which took {path}")
+        return notes
 
     def configure_threads(self, threads):
         if self.backend == "numba":
             import numba
 
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        else:
+            fastlstm.set_num_threads(threads)
 
     def build(self, problem, threads=None):
         config = problem.config
@@ -394,7 +403,9 @@ class FastlstmPeer(Peer):
 
         def run():
             y, _ = model.forward(x, state, time_major=True, keep_tape=True, tape=tape)
-            result["loss"] = float(np.vdot(y, d_y))
+            # An elementwise product and sum, not np.vdot: a BLAS call would leave OpenBLAS's
+            # threads spinning next to the kernel's own ones.
+            result["loss"] = float(np.sum(y * d_y, dtype=np.float64))
             grads.params[...] = 0.0
             model.backward(tape, d_y, grads=grads)
             optimizer.update(model.params, grads.params)
@@ -911,14 +922,18 @@ def _calibrate(function, target):
             else count * 10
 
 
-def measure_interleaved(runners, *, budget, min_rounds, max_rounds, batch_time, warmup_time):
+def measure_interleaved(runners, *, budget, min_rounds, max_rounds, batch_time, warmup_time,
+                        settle_time=0.0):
     """Time ``{name: runner}`` in interleaved rounds; return ``{name: {"times": [...], "calls": n}}``.
 
     Each runner is warmed up (at least 1 call and ``warmup_time`` seconds), then given a batch size n
     so that n calls take about ``batch_time``. A round times one batch of every runner, in an order
-    rotated by one each round, so that slow drifts of the machine hit every runner alike. The number of
-    rounds fits ``budget`` seconds, within [min_rounds, max_rounds]. ``times`` are seconds per call,
-    one per round.
+    rotated by one each round, so that slow drifts of the machine hit every runner alike. Before each
+    batch the process sleeps ``settle_time`` seconds and makes one untimed call: thread pools that
+    spin after a call (OpenMP, ONNX Runtime, Eigen, OpenBLAS, fastlstm's own) would otherwise take
+    cores from the runner that follows them, which a program using one library never sees. The
+    number of rounds fits ``budget`` seconds, within [min_rounds, max_rounds]. ``times`` are seconds
+    per call, one per round.
     """
     names = list(runners)
     batches, per_call = {}, {}
@@ -933,13 +948,16 @@ def measure_interleaved(runners, *, budget, min_rounds, max_rounds, batch_time, 
         batches[name] = _calibrate(runner, batch_time)
         per_call[name] = time.perf_counter() - start
     # A runner slower than batch_time runs one call per round; the last calibration pass took about one batch.
-    round_time = sum(max(batch_time, per_call[name] / max(batches[name], 1)) for name in names)
+    round_time = sum(max(batch_time, per_call[name] / max(batches[name], 1)) + settle_time for name in names)
     rounds = int(min(max_rounds, max(min_rounds, budget / max(round_time, 1e-9))))
     times = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             runner, count = runners[name], batches[name]
+            if settle_time > 0:
+                time.sleep(settle_time)
+                runner()
             start = time.perf_counter()
             for _ in range(count):
                 runner()
@@ -952,11 +970,13 @@ def measure_interleaved(runners, *, budget, min_rounds, max_rounds, batch_time, 
 
 SETTINGS = {
     # budget: seconds of timed rounds per case and thread setting.
-    "full": {"budget": 15.0, "min_rounds": 5, "max_rounds": 15, "batch_time": 0.05, "warmup_time": 0.3},
-    "quick": {"budget": 2.0, "min_rounds": 3, "max_rounds": 5, "batch_time": 0.02, "warmup_time": 0.05},
+    "full": {"budget": 15.0, "min_rounds": 5, "max_rounds": 15, "batch_time": 0.05, "warmup_time": 0.3,
+             "settle_time": 0.2},
+    "quick": {"budget": 2.0, "min_rounds": 3, "max_rounds": 5, "batch_time": 0.02, "warmup_time": 0.05,
+              "settle_time": 0.05},
 }
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+THREAD_VARIABLES = ("FASTLSTM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
                     "NUMBA_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 REPORTED_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") + THREAD_VARIABLES + (
     "FASTLSTM_BACKEND", "TF_ENABLE_ONEDNN_OPTS", "KERAS_BACKEND")
@@ -1160,11 +1180,14 @@ def render_report(run):
               "ranges show how much that moved the figures, and multithreaded BLAS and OpenMP pools suffer "
               "most from it.",
               f"- Python {run['python']}, numpy {run['numpy']}; thread settings: {', '.join(map(str, run['threads']))} "
-              "(each in its own process; BLAS and OpenMP pools through threadpoolctl and the *_NUM_THREADS "
+              "(each in its own process; fastlstm C's pool through `fastlstm.set_num_threads`, BLAS and OpenMP "
+              "pools through threadpoolctl and the *_NUM_THREADS "
               "variables, `torch.set_num_threads` and `set_num_interop_threads`, TensorFlow intra- and "
               "inter-op threads for sessions and the eager runtime, ONNX Runtime intra- and inter-op threads)",
               f"- Mode: {run['mode']}: per case and thread setting, a warm-up, then interleaved rounds "
-              "(rotating order), each timing a batch of calls per implementation; medians over rounds, with "
+              "(rotating order), each timing a batch of calls per implementation after a pause and one untimed "
+              "call (so that thread pools still spinning from the previous implementation do not take its "
+              "cores); medians over rounds, with "
               "min–max", ""]
 
     lines += ["Environment variables of the run (workers override the *_NUM_THREADS ones with the thread setting):", ""]
