@@ -51,11 +51,12 @@ static inline void FN(gemm_loops)(int64_t m, int64_t n, int64_t k, const REAL *r
     }
 }
 
-/* The row kernel: C[M, N] = A[M, K] @ W[K, N] + beta * C for the large products whose rows are
- * samples. Every output element is one chain of fused multiply-adds, started from C (or 0) and
- * taken over p = 0, 1, ..., K - 1 in order, whatever tile or lane computes it. So a sample's row
- * never depends on the rows around it, on M, or on the column it sits in, which OpenBLAS does not
- * promise: it rounds the edge rows of its blocks differently.
+/* The row kernel: C[M, N] = op(A)[M, K] @ W[K, N] + beta * C for the large products. Every output
+ * element is one chain of fused multiply-adds, started from C (or 0) and taken over p = 0, 1, ...,
+ * K - 1 in order, whatever tile, lane or thread computes it. So a sample's row never depends on the
+ * rows around it, on M, on the column it sits in or on the thread count, which OpenBLAS does not
+ * promise: it rounds the edge rows of its blocks differently. The weight gradients (op(A) = X^T,
+ * with the batch along K) use the same kernel, so they too are the same for every thread count.
  *
  * W is read in column blocks of FL_BLOCK_COLS: either in place (block j starts at w + j * width,
  * rows ldw apart) or packed by FN(pack), where block j is one contiguous [K, width] array. Packing
@@ -159,7 +160,7 @@ typedef struct {
  *
  * Loops, outside in: chunks of FL_CHUNK_ROWS rows; slices of FL_DEPTH steps of the sum, whose
  * piece of A is copied into tile panels once and then serves every column block; column blocks,
- * whose slice of W (32 kB) stays in L1 while the chunk's tiles pass over it; tiles. Splitting the
+ * whose slice of W (FL_DEPTH rows of 128 bytes) stays in L1 while the chunk's tiles pass over it; tiles. Splitting the
  * sum into slices keeps each element's chain of multiply-adds in order: a slice starts from the C
  * the previous one stored. */
 static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t block_end)
