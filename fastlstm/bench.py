@@ -1163,6 +1163,54 @@ def _ratio(case, name, baseline="fastlstm-c"):
     return summaries[name][0] / summaries[baseline][0]
 
 
+# The speed targets of the C backend: (configuration, task, peers, ratio). The implementation must be
+# at least `ratio` times faster than each peer (peer median / fastlstm median >= ratio); a ratio of
+# 1.0 means strictly faster. The Numba backend's targets are half of these ratios.
+TARGETS = (
+    ("echo", "train-head", ("tf-blocklstm", "torch", "tf-graph"), 100.0),
+    ("echo", "infer", ("onnxruntime",), 10.0),
+    ("ptb-small", "train", ("torch",), 1.5),
+    ("ptb-medium", "train", ("torch",), 1.25),
+    ("wide-inference", "infer", ("torch",), 1.0),
+    ("wide-inference", "infer", ("onnxruntime",), 1.2),
+    ("streaming", "step", ("torch", "onnxruntime"), 1.0),
+)
+
+
+def _target_met(measured, required):
+    return measured > required if required == 1.0 else measured >= required
+
+
+def _targets_section(run):
+    """A table per thread setting: each target, its required ratio and the measured one."""
+    titles = run["titles"]
+    lines = ["## Targets", "",
+             "fastlstm's speed targets as ratios of a peer's median time to fastlstm's, measured in this "
+             "run (C: at least the ratio shown; a ratio of 1 means faster; Numba: half of C's ratio). A "
+             "blank cell is a peer or case that did not run.", ""]
+    for threads, worker in run["workers"].items():
+        by_case = {(case["config"], case["task"]): case for case in worker["cases"]}
+        lines += [f"{_threads_label(threads)}:", "",
+                  "| case | peer | C needs | C measured | met | Numba needs | Numba measured | met |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for config, task, peers, required in TARGETS:
+            case = by_case.get((config, task))
+            if case is None:
+                continue
+            for peer in peers:
+                c_ratio = _ratio(case, peer)
+                numba_ratio = _ratio(case, peer, baseline="fastlstm-numba")
+                cells = []
+                for measured, needed in ((c_ratio, required), (numba_ratio, required / 2)):
+                    if measured is None:
+                        cells += [f"{needed:g}", "", ""]
+                    else:
+                        cells += [f"{needed:g}", f"{measured:.2f}", "yes" if _target_met(measured, needed) else "no"]
+                lines.append(f"| {case['label']} | {titles.get(peer, peer)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def render_report(run):
     """Return the Markdown report of a finished run (the dict ``run_bench`` assembles)."""
     titles = run["titles"]
@@ -1216,6 +1264,7 @@ def render_report(run):
               "Median time of each implementation divided by fastlstm C's median for the same case and "
               "thread setting. A blank cell is a task the implementation does not run.", ""]
     lines += _ratio_tables(run)
+    lines += _targets_section(run)
     lines += ["", "## Per case", "",
               "GFLOP/s counts the LSTM's forward as 2·B·(I+H)·4H per layer and step, its backward twice that, "
               "and the head's dense layer as 2·T·B·H·C forward and twice that backward. \"% sgemm\" is the "
