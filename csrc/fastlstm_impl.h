@@ -439,6 +439,10 @@ static void FN(cell_forward)(int64_t batch, int64_t hidden, REAL *gates, const R
                              REAL *c_next, REAL *h_next, REAL forget_bias)
 {
     const FN(cell_forward_job) job = {hidden, gates, c_prev, c_next, h_next, forget_bias};
+    if (batch * hidden < 2 * FL_MIN_CELL_WORK) {
+        FN(cell_forward_rows)((void *)&job, 0, batch);   /* a direct call, inlined for small cells */
+        return;
+    }
     fl_task task = FN(cell_forward_rows);
 #if FL_ROW_KERNEL
     if (hidden >= FL_WIDE_CELL && fl_row_kernel_on()) {
@@ -514,6 +518,10 @@ static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, c
                               REAL *dz)
 {
     const FN(cell_backward_job) job = {hidden, acts, c_prev, c_next, d_out, d_h, d_c, dz};
+    if (batch * hidden < 2 * FL_MIN_CELL_WORK) {
+        FN(cell_backward_rows)((void *)&job, 0, batch);
+        return;
+    }
     fl_task task = FN(cell_backward_rows);
 #if FL_ROW_KERNEL
     if (hidden >= FL_WIDE_CELL && fl_row_kernel_on()) {
