@@ -98,7 +98,12 @@ class TorchLM:
         self.lstm = torch.nn.LSTM(vocab, model.hidden_size, model.num_layers)
         self.head = torch.nn.Linear(model.hidden_size, vocab)
         to_torch(model, self.lstm, self.head)
-        self.params = list(self.lstm.parameters()) + list(self.head.parameters())
+        # nn.LSTM adds two biases, b_ih + b_hh, where fastlstm has one. Both would get the same
+        # gradient, so Adam would move their sum twice as fast as fastlstm moves its bias: b_hh stays
+        # at zero instead, and the two models train the same parameters.
+        for layer in range(model.num_layers):
+            getattr(self.lstm, f"bias_hh_l{layer}").requires_grad_(False)
+        self.params = [p for p in self.lstm.parameters() if p.requires_grad] + list(self.head.parameters())
         # fastlstm's Adam is Keras': w -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps).
         # PyTorch's divides by sqrt(v) / sqrt(1 - b2^t) + eps instead; with eps_t = eps / sqrt(1 - b2^t)
         # at step t the two updates are the same, so eps is set before every step.
