@@ -156,6 +156,30 @@ typedef struct {
     int w_packed;   /* W packed by FN(pack) rather than in place */
 } FN(row_product);
 
+/* Columns [col_begin, col_end) of a product with one row and W in place (the streaming step):
+ * c += a[p] * W[p, :] for p = 0, 1, ..., K - 1, so W is read row by row, one contiguous stream, and
+ * the row of C stays in L1. Each element gets the same chain of fused multiply-adds as in
+ * FN(row_tile). */
+static FL_AVX512 void FN(gemv_row)(const FN(row_product) *job, int64_t col_begin, int64_t col_end)
+{
+    const int64_t k = job->k, ldw = job->ldw;
+    REAL *c = job->c;
+    if (!job->beta_one) {
+        memset(c + col_begin, 0, (size_t)(col_end - col_begin) * sizeof(REAL));
+    }
+    for (int64_t p = 0; p < k; p++) {
+        const VEC a_p = VEC_SET1(job->a[p * job->a_step]);
+        const REAL *w_row = job->w + p * ldw;
+        for (int64_t col = col_begin; col < col_end; col += LANES) {
+            const int64_t left = col_end - col;
+            const VEC_MASK mask = (VEC_MASK)(left < LANES ? (1ull << left) - 1 : ~0ull);
+            const VEC sum = VEC_FMA(a_p, VEC_LOAD_MASKED(mask, w_row + col),
+                                    VEC_LOAD_MASKED(mask, c + col));
+            VEC_STORE_MASKED(c + col, mask, sum);
+        }
+    }
+}
+
 /* Column blocks [block_begin, block_end) of the product: the share of one thread.
  *
  * Loops, outside in: chunks of FL_CHUNK_ROWS rows; slices of FL_DEPTH steps of the sum, whose
@@ -172,6 +196,10 @@ static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t 
     REAL *c = job->c;
     const int w_packed = job->w_packed;
     const int64_t col_end = block_end * FL_BLOCK_COLS < n ? block_end * FL_BLOCK_COLS : n;
+    if (m == 1 && !w_packed) {
+        FN(gemv_row)(job, block_begin * FL_BLOCK_COLS, col_end);
+        return;
+    }
 
     /* Tile panels of A for one chunk and slice; without memory, A is read in place. */
     const int64_t chunk_rows = m < FL_CHUNK_ROWS ? m : FL_CHUNK_ROWS;
@@ -439,16 +467,16 @@ static void FN(cell_forward)(int64_t batch, int64_t hidden, REAL *gates, const R
                              REAL *c_next, REAL *h_next, REAL forget_bias)
 {
     const FN(cell_forward_job) job = {hidden, gates, c_prev, c_next, h_next, forget_bias};
-    if (batch * hidden < 2 * FL_MIN_CELL_WORK) {
-        FN(cell_forward_rows)((void *)&job, 0, batch);   /* a direct call, inlined for small cells */
-        return;
-    }
     fl_task task = FN(cell_forward_rows);
 #if FL_ROW_KERNEL
     if (hidden >= FL_WIDE_CELL && fl_row_kernel_on()) {
         task = FN(cell_forward_rows_wide);
     }
 #endif
+    if (hidden < FL_WIDE_CELL && batch * hidden < 2 * FL_MIN_CELL_WORK) {
+        FN(cell_forward_rows)((void *)&job, 0, batch);   /* a direct call, inlined for small cells */
+        return;
+    }
     fl_parallel_for(batch, (FL_MIN_CELL_WORK + hidden - 1) / hidden, task, (void *)&job);
 }
 
@@ -518,16 +546,16 @@ static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, c
                               REAL *dz)
 {
     const FN(cell_backward_job) job = {hidden, acts, c_prev, c_next, d_out, d_h, d_c, dz};
-    if (batch * hidden < 2 * FL_MIN_CELL_WORK) {
-        FN(cell_backward_rows)((void *)&job, 0, batch);
-        return;
-    }
     fl_task task = FN(cell_backward_rows);
 #if FL_ROW_KERNEL
     if (hidden >= FL_WIDE_CELL && fl_row_kernel_on()) {
         task = FN(cell_backward_rows_wide);
     }
 #endif
+    if (hidden < FL_WIDE_CELL && batch * hidden < 2 * FL_MIN_CELL_WORK) {
+        FN(cell_backward_rows)((void *)&job, 0, batch);
+        return;
+    }
     fl_parallel_for(batch, (FL_MIN_CELL_WORK + hidden - 1) / hidden, task, (void *)&job);
 }
 

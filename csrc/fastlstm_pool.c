@@ -1,12 +1,13 @@
 /*
- * A small thread pool for the row kernel and the cell. A job is a range of items (column blocks or
- * rows) cut into a few chunks more than there are threads; the caller and the workers claim chunks
- * from an atomic counter until none is left. Every item is computed by the same instructions
- * whichever thread claims it, so results are bitwise the same for any thread count.
+ * A small thread pool for the row kernel, the cell and the softmax. A job is a range of items
+ * (column blocks or rows) cut into FL_CHUNKS_PER_THREAD chunks per thread, which the caller and the
+ * workers claim, each its own first, until none is left. Every item is computed by the same
+ * instructions whichever thread claims it, so results are bitwise the same for any thread count.
  *
  * Claiming, rather than a fixed share per thread, matters on a busy machine: when a worker is not
  * scheduled (another library's threads spin on the other core), the caller takes its chunks instead
- * of waiting for it. The time loop hands out a job per step, microseconds apart, so a worker spins
+ * of waiting for it. Taking its own chunks first keeps each thread on the same columns from call to
+ * call while nothing is late. The time loop hands out a job per step, microseconds apart, so a worker spins
  * for a while after a job before it sleeps on the condition variable. Only one caller uses the pool
  * at a time: a call that finds it busy (another Python thread is inside a kernel) runs its job
  * alone. A child process after fork starts without workers and creates its own on first use.
@@ -17,7 +18,6 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <time.h>
-#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -26,9 +26,9 @@
 #define FL_PAUSE() ((void)0)
 #endif
 
-#ifndef FL_CHUNKS_PER_THREAD
+/* Chunks per thread: more of them balance better when a thread loses its core, but each chunk of a
+ * product copies its rows of A again. On the idle machine 2 was as fast as 1 and 4 slower. */
 #define FL_CHUNKS_PER_THREAD 2
-#endif
 
 /* How long a worker spins after a job before it sleeps, in nanoseconds. */
 #define FL_SPIN_NS 200000
@@ -45,32 +45,45 @@ static struct {
     pthread_cond_t wake;
     pthread_t workers[FL_MAX_THREADS];
     int started;                     /* workers running, under lock */
-    int threads;                     /* threads per job, the caller included */
+    atomic_int threads;              /* threads per job, the caller included */
     atomic_flag busy;                /* held by the caller that owns the pool */
     atomic_uint_fast64_t generation; /* bumped once per job */
     atomic_int resting;              /* set by fl_pool_rest: sleep now instead of spinning */
     atomic_int open;                 /* 1 while the current job hands out chunks */
     atomic_int active;               /* workers inside the current job */
-    atomic_int_fast64_t next_chunk;  /* the next chunk to claim */
+    atomic_flag taken[FL_MAX_THREADS * FL_CHUNKS_PER_THREAD];   /* chunks claimed in this job */
     atomic_int helpers;              /* workers the current job may use: 1 .. helpers */
     int64_t chunks, items;
     fl_task task;
     void *context;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, {0}, 0, 1, ATOMIC_FLAG_INIT, 0, 0,
-          0, 0, 0, 0, 0, 0, NULL, NULL};
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .threads = 1,
+          .busy = ATOMIC_FLAG_INIT};
 
-/* Claims and runs chunks of the current job until none is left. */
-static void run_chunks(void)
+static void run_chunk(int64_t chunk)
 {
-    for (;;) {
-        const int64_t chunk = atomic_fetch_add_explicit(&pool.next_chunk, 1, memory_order_relaxed);
-        if (chunk >= pool.chunks) {
-            return;
+    const int64_t begin = pool.items * chunk / pool.chunks;
+    const int64_t end = pool.items * (chunk + 1) / pool.chunks;
+    if (begin < end) {
+        pool.task(pool.context, begin, end);
+    }
+}
+
+/* Claims and runs chunks of the current job until none is left: first the home chunks of thread
+ * `home` (0 is the caller), then any other. Home chunks give each thread the same columns call after
+ * call, so each core keeps its share of the weights in its own cache; the rest lets a thread take
+ * over the chunks of one that has not started. */
+static void run_chunks(int home)
+{
+    const int64_t threads = atomic_load_explicit(&pool.helpers, memory_order_relaxed) + 1;
+    const int64_t first = pool.chunks * home / threads, end = pool.chunks * (home + 1) / threads;
+    for (int64_t chunk = first; chunk < end; chunk++) {
+        if (!atomic_flag_test_and_set_explicit(&pool.taken[chunk], memory_order_relaxed)) {
+            run_chunk(chunk);
         }
-        const int64_t begin = pool.items * chunk / pool.chunks;
-        const int64_t end = pool.items * (chunk + 1) / pool.chunks;
-        if (begin < end) {
-            pool.task(pool.context, begin, end);
+    }
+    for (int64_t chunk = 0; chunk < pool.chunks; chunk++) {
+        if (!atomic_flag_test_and_set_explicit(&pool.taken[chunk], memory_order_relaxed)) {
+            run_chunk(chunk);
         }
     }
 }
@@ -110,7 +123,7 @@ static void *worker_main(void *arg)
          * order of the two stores and the two loads). */
         atomic_fetch_add(&pool.active, 1);
         if (atomic_load(&pool.open)) {
-            run_chunks();
+            run_chunks(part);
         }
         atomic_fetch_sub(&pool.active, 1);
     }
@@ -157,18 +170,18 @@ int fl_set_num_threads(int threads)
     if (threads < 1 || threads > FL_MAX_THREADS) {
         return -1;
     }
-    pool.threads = threads;
+    atomic_store_explicit(&pool.threads, threads, memory_order_relaxed);
     return 0;
 }
 
 int fl_get_num_threads(void)
 {
-    return pool.threads;
+    return atomic_load_explicit(&pool.threads, memory_order_relaxed);
 }
 
 void fl_parallel_for(int64_t items, int64_t min_items_per_thread, fl_task task, void *context)
 {
-    int threads = pool.threads;
+    int threads = atomic_load_explicit(&pool.threads, memory_order_relaxed);
     if (min_items_per_thread < 1) {
         min_items_per_thread = 1;
     }
@@ -195,7 +208,9 @@ void fl_parallel_for(int64_t items, int64_t min_items_per_thread, fl_task task, 
     pool.task = task;
     pool.context = context;
     atomic_store_explicit(&pool.helpers, threads - 1, memory_order_relaxed);
-    atomic_store_explicit(&pool.next_chunk, 0, memory_order_relaxed);
+    for (int64_t chunk = 0; chunk < chunks; chunk++) {
+        atomic_flag_clear_explicit(&pool.taken[chunk], memory_order_relaxed);
+    }
     atomic_store_explicit(&pool.resting, 0, memory_order_relaxed);
     atomic_store(&pool.open, 1);
     pthread_mutex_lock(&pool.lock);
@@ -203,7 +218,7 @@ void fl_parallel_for(int64_t items, int64_t min_items_per_thread, fl_task task, 
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
 
-    run_chunks();
+    run_chunks(0);
     atomic_store(&pool.open, 0);
     while (atomic_load(&pool.active) > 0) {
         FL_PAUSE();
