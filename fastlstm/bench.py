@@ -1215,8 +1215,8 @@ def render_report(run):
     """Return the Markdown report of a finished run (the dict ``run_bench`` assembles)."""
     titles = run["titles"]
     lines = ["# Benchmarks", "",
-             "fastlstm against other LSTM implementations on one CPU. Every figure on this page was written "
-             "by the command below; none is edited by hand. Times are per call: one training step (forward, "
+             "fastlstm against other LSTM implementations on one CPU. Every figure from here to the Memory "
+             "section was written by the command below; none is edited by hand. Times are per call: one training step (forward, "
              "backward, Adagrad update), one inference over the window, or one streaming step. The ratio is "
              "the implementation's median time over fastlstm C's (above 1: slower than fastlstm C).", "",
              "```", run["command"], "```", ""]
