@@ -178,3 +178,59 @@ def test_forked_child_runs_kernels():
     """
     result = _run_python(code, {})
     assert result.returncode == 0, result.stderr
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def large_cases(draw):
+    """Sizes around the row kernel's blocks: weights from below 4096 elements to 70 * 280, batches
+    across tile heights (12) and chunks, column counts off the 16- and 32-column boundaries."""
+    return {"input": draw(st.integers(1, 70)), "hidden": draw(st.integers(16, 70)),
+            "layers": draw(st.integers(1, 2)), "batch": draw(st.integers(1, 26)),
+            "steps": draw(st.integers(1, 3)), "dtype": draw(st.sampled_from([np.float32, np.float64])),
+            "threads": draw(st.integers(2, 3)), "seed": draw(st.integers(0, 2**16))}
+
+
+def _check_large_case(case, threads):
+    dtype = case["dtype"]
+    model = make_model("c", case["input"], case["hidden"], case["layers"], dtype, seed=case["seed"])
+    x, state = random_inputs(model, case["batch"], case["steps"], seed=case["seed"])
+    expected_y, expected_state, tape_ref = reference_forward(model, x, state)
+    d_y = np.random.default_rng(case["seed"]).normal(size=expected_y.shape).astype(dtype)
+    d_params, d_state, d_x = reference.backward(model.params.astype(np.float64), tape_ref,
+                                                d_y.transpose(1, 0, 2).astype(np.float64))
+    results = {}
+    for count in (1, case["threads"]):
+        threads(count)
+        run_state = state.copy()
+        y, tape = model.forward(x, run_state, keep_tape=True)
+        grads = model.backward(tape, d_y)
+        results[count] = (y, run_state, grads.params.copy(), grads.initial_state.copy(), grads.inputs.copy())
+    y, final, params, initial, inputs = results[1]
+    assert_close(y, expected_y, dtype, "outputs")
+    assert_close(final, expected_state, dtype, "final state")
+    assert_close(params, d_params, dtype, "params gradient")
+    assert_close(initial, d_state, dtype, "state gradient")
+    assert_close(inputs, d_x.transpose(1, 0, 2), dtype, "input gradient")
+    for one, many in zip(results[1], results[case["threads"]]):
+        np.testing.assert_array_equal(many, one, err_msg=f"{case['threads']} threads against 1")
+
+
+LARGE_SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
+
+
+@settings(max_examples=30, **LARGE_SETTINGS)
+@given(case=large_cases())
+def test_fuzz_large_products(threads, case):
+    _check_large_case(case, threads)
+
+
+@pytest.mark.slow
+@settings(max_examples=2000, **LARGE_SETTINGS)
+@given(case=large_cases())
+def test_fuzz_large_products_long(threads, case):
+    _check_large_case(case, threads)
