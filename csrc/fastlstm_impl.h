@@ -235,45 +235,30 @@ static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t 
                 for (int64_t tile = 0, row = first; tile < tiles; tile++) {
                     const int64_t height = (end - row) / (tiles - tile);
                     REAL *c_tile = c + row * ldc + col;
+                    /* One unrolled copy per tile height and per way of reading A and W. */
+#define FL_TILE(ROWS, PACKED, A, A_ROW, A_STEP, LDW)                                              \
+    case ROWS:                                                                                    \
+        FN(row_tile)(ROWS, PACKED, depth, A, A_ROW, A_STEP, w_slice, LDW, start_from_c, c_tile,  \
+                     ldc, mask_0, mask_1);                                                        \
+        break;
+#define FL_TILES(PACKED, A, A_ROW, A_STEP, LDW)                                                   \
+    switch (height) {                                                                             \
+        FL_TILE(12, PACKED, A, A_ROW, A_STEP, LDW) FL_TILE(11, PACKED, A, A_ROW, A_STEP, LDW)     \
+        FL_TILE(10, PACKED, A, A_ROW, A_STEP, LDW) FL_TILE(9, PACKED, A, A_ROW, A_STEP, LDW)      \
+        FL_TILE(8, PACKED, A, A_ROW, A_STEP, LDW) FL_TILE(7, PACKED, A, A_ROW, A_STEP, LDW)       \
+        FL_TILE(6, PACKED, A, A_ROW, A_STEP, LDW) FL_TILE(5, PACKED, A, A_ROW, A_STEP, LDW)       \
+        FL_TILE(4, PACKED, A, A_ROW, A_STEP, LDW) FL_TILE(3, PACKED, A, A_ROW, A_STEP, LDW)       \
+        FL_TILE(2, PACKED, A, A_ROW, A_STEP, LDW) FL_TILE(1, PACKED, A, A_ROW, A_STEP, LDW)       \
+    }
                     if (panels != NULL) {
                         const REAL *panel = panels + (row - first) * depth;
-#define FL_TILE(ROWS) FN(row_tile)(ROWS, 1, depth, panel, 0, 0, w_slice, FL_BLOCK_COLS, \
-                                   start_from_c, c_tile, ldc, mask_0, mask_1)
-                        switch (height) {
-                        case 12: FL_TILE(12); break;
-                        case 11: FL_TILE(11); break;
-                        case 10: FL_TILE(10); break;
-                        case 9: FL_TILE(9); break;
-                        case 8: FL_TILE(8); break;
-                        case 7: FL_TILE(7); break;
-                        case 6: FL_TILE(6); break;
-                        case 5: FL_TILE(5); break;
-                        case 4: FL_TILE(4); break;
-                        case 3: FL_TILE(3); break;
-                        case 2: FL_TILE(2); break;
-                        default: FL_TILE(1); break;
-                        }
-#undef FL_TILE
+                        FL_TILES(1, panel, 0, 0, FL_BLOCK_COLS)
                     } else {
                         const REAL *a_tile = a + row * a_row + p0 * a_step;
-#define FL_TILE(ROWS) FN(row_tile)(ROWS, 0, depth, a_tile, a_row, a_step, w_slice, ldw, \
-                                   start_from_c, c_tile, ldc, mask_0, mask_1)
-                        switch (height) {
-                        case 12: FL_TILE(12); break;
-                        case 11: FL_TILE(11); break;
-                        case 10: FL_TILE(10); break;
-                        case 9: FL_TILE(9); break;
-                        case 8: FL_TILE(8); break;
-                        case 7: FL_TILE(7); break;
-                        case 6: FL_TILE(6); break;
-                        case 5: FL_TILE(5); break;
-                        case 4: FL_TILE(4); break;
-                        case 3: FL_TILE(3); break;
-                        case 2: FL_TILE(2); break;
-                        default: FL_TILE(1); break;
-                        }
-#undef FL_TILE
+                        FL_TILES(0, a_tile, a_row, a_step, ldw)
                     }
+#undef FL_TILES
+#undef FL_TILE
                     row += height;
                 }
             }

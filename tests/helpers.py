@@ -45,3 +45,21 @@ def assert_close(actual, expected, dtype, what):
     scale = max(1.0, float(np.max(np.abs(expected)))) if np.size(expected) else 1.0
     np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=ATOL[dtype] * scale,
                                err_msg=what)
+
+
+def assert_matches_reference(model, x, state):
+    """Run forward and backward on batch-major x and a copy of state, and compare the outputs, the
+    final state and every gradient with the float64 numpy reference."""
+    dtype = model.dtype
+    state = state.copy()
+    expected_y, expected_state, tape_ref = reference_forward(model, x, state)
+    y, tape = model.forward(x, state, keep_tape=True)
+    assert_close(y, expected_y, dtype, "outputs")
+    assert_close(state, expected_state, dtype, "final state")
+    d_y = np.random.default_rng(4).normal(size=y.shape).astype(dtype)
+    grads = model.backward(tape, d_y)
+    d_params, d_state, d_x = reference.backward(model.params.astype(np.float64), tape_ref,
+                                                d_y.transpose(1, 0, 2).astype(np.float64))
+    assert_close(grads.params, d_params, dtype, "params gradient")
+    assert_close(grads.initial_state, d_state, dtype, "state gradient")
+    assert_close(grads.inputs, d_x.transpose(1, 0, 2), dtype, "input gradient")

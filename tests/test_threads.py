@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import reference
-from helpers import assert_close, make_model, random_inputs, reference_forward
+from helpers import assert_close, assert_matches_reference, make_model, random_inputs, reference_forward
 
 import fastlstm
 
@@ -67,18 +67,7 @@ def test_results_do_not_depend_on_thread_count(threads, dtype):
 def test_threaded_results_match_reference(threads, dtype, count):
     threads(count)
     model = make_model("c", INPUT, HIDDEN, LAYERS, dtype)
-    x, state = random_inputs(model, BATCH, STEPS)
-    expected_y, expected_state, tape_ref = reference_forward(model, x, state)
-    y, tape = model.forward(x, state, keep_tape=True)
-    assert_close(y, expected_y, dtype, "outputs")
-    assert_close(state, expected_state, dtype, "final state")
-    d_y = np.random.default_rng(4).normal(size=y.shape).astype(dtype)
-    grads = model.backward(tape, d_y)
-    d_params, d_state, d_x = reference.backward(model.params.astype(np.float64), tape_ref,
-                                                d_y.transpose(1, 0, 2).astype(np.float64))
-    assert_close(grads.params, d_params, dtype, "params gradient")
-    assert_close(grads.initial_state, d_state, dtype, "state gradient")
-    assert_close(grads.inputs, d_x.transpose(1, 0, 2), dtype, "input gradient")
+    assert_matches_reference(model, *random_inputs(model, BATCH, STEPS))
 
 
 @pytest.mark.parametrize("bad, error, message", [
