@@ -130,12 +130,17 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* The workers die with the parent's threads at fork; the child starts over. */
+/* The workers die with the parent's threads at fork; the child starts over. A job that another
+ * parent thread was running is gone too, so its counts are cleared: the child would otherwise wait
+ * forever for workers that no longer exist to leave it. */
 static void reset_in_child(void)
 {
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pool.started = 0;
+    atomic_store(&pool.open, 0);
+    atomic_store(&pool.active, 0);
+    atomic_store(&pool.helpers, 0);
     atomic_flag_clear(&pool.busy);
 }
 

@@ -99,22 +99,28 @@ def _run_python(code, env_update):
 
 @pytest.mark.parametrize("variables, expected", [
     ({"FASTLSTM_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}, "3"),
+    ({"FASTLSTM_NUM_THREADS": " +2 ", "OMP_NUM_THREADS": "bad"}, "2"),
     ({"FASTLSTM_NUM_THREADS": "", "OMP_NUM_THREADS": "2"}, "2"),
-])
+    # OpenMP's own forms: one count per nesting level, and counts above fastlstm's limit.
+    ({"FASTLSTM_NUM_THREADS": "", "OMP_NUM_THREADS": "3,2"}, "3"),
+    ({"FASTLSTM_NUM_THREADS": "", "OMP_NUM_THREADS": "128"}, "64"),
+], ids=["fastlstm-first", "fastlstm-sign", "omp", "omp-nested", "omp-capped"])
 def test_default_thread_count_from_environment(variables, expected):
     result = _run_python("import fastlstm; print(fastlstm.get_num_threads())", variables)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
 
 
-def test_bad_thread_variable_names_it():
+@pytest.mark.parametrize("value", ["many", "0", "65", "1_0", "2.0", "\u0662"])
+def test_bad_thread_variable_names_it(value):
     code = """
         import numpy as np, fastlstm
         fastlstm.LSTM(2, 3, backend="c")
     """
-    result = _run_python(code, {"FASTLSTM_NUM_THREADS": "many"})
+    result = _run_python(code, {"FASTLSTM_NUM_THREADS": value})
     assert result.returncode != 0
-    assert "environment variable FASTLSTM_NUM_THREADS must be an integer in [1, 64], got 'many'" in result.stderr
+    assert (f"environment variable FASTLSTM_NUM_THREADS must be a whole number in [1, 64], got {value!r}"
+            in result.stderr)
 
 
 def test_python_threads_share_the_pool(threads):
@@ -223,3 +229,38 @@ def test_fuzz_large_products(threads, case):
 @given(case=large_cases())
 def test_fuzz_large_products_long(threads, case):
     _check_large_case(case, threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_another_thread_runs_a_kernel():
+    # A fork can catch another thread inside a pool job; the child must not wait for that job's
+    # workers, which do not exist in it. Each child gets an alarm so that a hang fails the test.
+    code = """
+        import os, signal, sys, threading
+        import numpy as np, fastlstm
+        fastlstm.set_num_threads(2)
+        model = fastlstm.LSTM(64, 128, 2, backend="c", seed=0)
+        x = np.random.default_rng(0).normal(size=(16, 8, 64)).astype(np.float32)
+        stop = threading.Event()
+
+        def busy():
+            while not stop.is_set():
+                model.forward(x, model.zero_state(16))
+
+        thread = threading.Thread(target=busy)
+        thread.start()
+        hung = 0
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)
+                model.forward(x, model.zero_state(16))
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            hung += os.waitstatus_to_exitcode(status) != 0
+        stop.set()
+        thread.join()
+        sys.exit(hung)
+    """
+    result = _run_python(code, {})
+    assert result.returncode == 0, f"{result.returncode} of 40 children failed or hung; {result.stderr}"
