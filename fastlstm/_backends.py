@@ -60,10 +60,10 @@ d_state, d_x, dz, d_hidden, forget_bias, optimizer, hyper, slots, head_slots, st
 
 import operator
 import os
+import re
 
 BACKEND_NAMES = ("c", "numba")
 _ENV_VARIABLE = "FASTLSTM_BACKEND"
-_THREADS_VARIABLES = ("FASTLSTM_NUM_THREADS", "OMP_NUM_THREADS")
 _modules = {}
 _failures = {}
 
@@ -149,18 +149,23 @@ def _check_threads(threads, what):
 
 
 def _default_threads():
-    """FASTLSTM_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may run on."""
+    """FASTLSTM_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may run on.
+
+    FASTLSTM_NUM_THREADS must be a whole number in [1, MAX_THREADS]. OMP_NUM_THREADS belongs to
+    OpenMP, where "4,2" (one count per nesting level) and counts above fastlstm's limit are valid, so
+    fastlstm takes its first count, caps it, and ignores a value it cannot read.
+    """
     from fastlstm._cext import MAX_THREADS
 
-    for variable in _THREADS_VARIABLES:
-        text = os.environ.get(variable, "").strip()
-        if text:
-            try:
-                value = int(text)
-            except ValueError:
-                raise ValueError(f"environment variable {variable} must be an integer in "
-                                 f"[1, {MAX_THREADS}], got {text!r}") from None
-            return _check_threads(value, f"environment variable {variable}")
+    text = os.environ.get("FASTLSTM_NUM_THREADS", "").strip()
+    if text:
+        if not re.fullmatch(r"\+?[0-9]+", text) or not 1 <= int(text) <= MAX_THREADS:
+            raise ValueError(f"environment variable FASTLSTM_NUM_THREADS must be a whole number in "
+                             f"[1, {MAX_THREADS}], got {text!r}")
+        return int(text)
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if re.fullmatch(r"\+?[0-9]+", first) and int(first) >= 1:
+        return min(int(first), MAX_THREADS)
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:   # not Linux
