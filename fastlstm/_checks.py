@@ -69,10 +69,8 @@ def check_buffer(name, array, dtype, shape, writeable=True):
     """
     check_ndarray(name, array)
     if array.dtype != dtype:
-        raise TypeError(
-            f"{name} must have the model's dtype {dtype.name}, got {array.dtype}; "
-            f"create it with model.zero_state(batch_size)"
-        )
+        hint = "; create it with model.zero_state(batch_size)" if name == "state" else ""
+        raise TypeError(f"{name} must have the model's dtype {dtype.name}, got {array.dtype}{hint}")
     if array.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {array.shape}")
     if not array.flags.c_contiguous:

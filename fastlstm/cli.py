@@ -276,7 +276,8 @@ def run_echo(parser, args):
             io.restore(checkpoint, trainer)
             task.set_rng_state(checkpoint.rng_state)
     except (_CheckpointError, ValueError) as error:
-        print(f"fastlstm echo: error: cannot resume: {error}", file=sys.stderr)
+        reason = "cannot resume: " if checkpoint is not None else ""
+        print(f"fastlstm echo: error: {reason}{error}", file=sys.stderr)
         return EXIT_FAILURE
     except ImportError as error:
         print(f"fastlstm echo: error: {error}", file=sys.stderr)
