@@ -177,8 +177,8 @@ def set_num_threads(threads):
     """Set how many threads the C backend's row kernel uses, the calling thread included.
 
     The threads split each large product and the cell by columns or rows, so the results are bitwise
-    the same for every count. The default is ``FASTLSTM_NUM_THREADS``, else ``OMP_NUM_THREADS``,
-    else the number of CPUs this process may run on. The setting is process-wide; a call made while
+    the same for every count. The default is ``FASTLSTM_NUM_THREADS``, else the first count of
+    ``OMP_NUM_THREADS`` (at most 64), else the number of CPUs this process may run on. The setting is process-wide; a call made while
     another thread is inside a kernel runs on its calling thread alone. It has no effect on the Numba
     backend or on BLAS, whose threads ``threadpoolctl`` sets.
     """
