@@ -602,7 +602,10 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
     const int64_t gates_slot = keep_tape ? rows * g : 0;
     const int64_t state_slot = keep_tape ? (steps + 1) * bh : 0;
 
-    /* The row kernel reads packed copies of W_x and W_h, made once per layer for all T steps. */
+    /* The row kernel reads packed copies of W_x and W_h, made once per layer for all T steps.
+     * NOTE: they are allocated per call, so a steady-state training window of a large model calls
+     * malloc (the no-allocation test watches Python's allocations only); reusing them across calls
+     * needs a per-thread cache, which the core does not have yet. */
     const int64_t widest = dims->input > hidden ? dims->input : hidden;
     REAL *packed_x = NULL, *packed_h = NULL;                   /* [I_l, G] and [H, G], packed */
     if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
