@@ -53,16 +53,17 @@ void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm);
  * result does not depend on the batch it is in. */
 #define FL_BLAS_MIN_WEIGHTS 4096
 
-/* On CPUs with AVX-512F, the products of at least FL_BLAS_MIN_WEIGHTS weights whose rows are
- * samples (inputs and states times weights, and gradients times transposed weights) run in
- * fastlstm's own row kernel instead of BLAS: its result for a row does not depend on the other
- * rows. fl_row_kernel_available tells whether this CPU has it; fl_set_row_kernel(0) turns it off
- * and fl_set_row_kernel(1) back on where available, returning the setting now in force. */
+/* On CPUs with AVX-512F, every product with a weight matrix of at least FL_BLAS_MIN_WEIGHTS elements
+ * runs in fastlstm's own row kernel instead of BLAS, the weight gradients included. Its result for a
+ * row does not depend on the other rows or on the thread count. fl_row_kernel_available tells
+ * whether this CPU has it. fl_set_row_kernel(0) turns it off and fl_set_row_kernel(1) back on where
+ * available; both return the setting now in force. */
 int fl_row_kernel_available(void);
 int fl_set_row_kernel(int enable);
 
-/* Threads of the row kernel, the calling thread included: 1 (the default) to FL_MAX_THREADS.
- * Threads split a product by columns, so results do not depend on the count.
+/* Threads of the row kernel, the cell and the softmax, the calling thread included: 1 (the default)
+ * to FL_MAX_THREADS. Threads split a product by columns and the cell by rows, so results do not
+ * depend on the count.
  * fl_set_num_threads returns 0, or -1 for a count out of range (the setting is then unchanged). */
 #define FL_MAX_THREADS 64
 int fl_set_num_threads(int threads);

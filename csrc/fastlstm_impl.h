@@ -182,11 +182,14 @@ static FL_AVX512 void FN(gemv_row)(const FN(row_product) *job, int64_t col_begin
 
 /* Column blocks [block_begin, block_end) of the product: the share of one thread.
  *
- * Loops, outside in: chunks of FL_CHUNK_ROWS rows; slices of FL_DEPTH steps of the sum, whose
- * piece of A is copied into tile panels once and then serves every column block; column blocks,
- * whose slice of W (FL_DEPTH rows of 128 bytes) stays in L1 while the chunk's tiles pass over it; tiles. Splitting the
- * sum into slices keeps each element's chain of multiply-adds in order: a slice starts from the C
- * the previous one stored. */
+ * Loops, outside in:
+ *   chunks of FL_CHUNK_ROWS rows;
+ *   slices of FL_DEPTH steps of the sum, whose piece of A is copied into tile panels once and then
+ *   serves every column block;
+ *   column blocks, whose slice of W (FL_DEPTH rows of 128 bytes) stays in L1 while the tiles pass;
+ *   tiles.
+ * Splitting the sum into slices keeps each element's chain of multiply-adds in order, because a
+ * slice starts from the C that the previous one stored. */
 static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t block_end)
 {
     const FN(row_product) *job = (const FN(row_product) *)context;
@@ -203,7 +206,11 @@ static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t 
 
     /* Tile panels of A for one chunk and slice; without memory, A is read in place. */
     const int64_t chunk_rows = m < FL_CHUNK_ROWS ? m : FL_CHUNK_ROWS;
-    REAL *panels = w_packed ? FN(alloc_aligned)(chunk_rows * (k < FL_DEPTH ? k : FL_DEPTH)) : NULL;
+    const int64_t slice_depth = k < FL_DEPTH ? k : FL_DEPTH;
+    REAL *panels = NULL;
+    if (w_packed) {
+        panels = FN(alloc_aligned)(chunk_rows * slice_depth);
+    }
 
     for (int64_t first = 0; first < m; first += FL_CHUNK_ROWS) {
         const int64_t end = first + FL_CHUNK_ROWS < m ? first + FL_CHUNK_ROWS : m;
@@ -604,8 +611,8 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
 
     /* The row kernel reads packed copies of W_x and W_h, made once per layer for all T steps.
      * NOTE: they are allocated per call, so a steady-state training window of a large model calls
-     * malloc (the no-allocation test watches Python's allocations only); reusing them across calls
-     * needs a per-thread cache, which the core does not have yet. */
+     * malloc, which the no-allocation test cannot see because it watches Python's allocations.
+     * Reusing them across calls needs a per-thread cache. */
     const int64_t widest = dims->input > hidden ? dims->input : hidden;
     REAL *packed_x = NULL, *packed_h = NULL;                   /* [I_l, G] and [H, G], packed */
     if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {

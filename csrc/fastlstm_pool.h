@@ -4,8 +4,8 @@
 
 #include "fastlstm.h"
 
-/* Runs task(context, begin, end) over [0, items) split into contiguous ranges, one per thread, with
- * at least min_items_per_thread items in each; returns when every range is done. */
+/* Runs task(context, begin, end) over [0, items), cut into contiguous chunks of at least
+ * min_items_per_thread items that the pool's threads share. Returns when every chunk is done. */
 typedef void (*fl_task)(void *context, int64_t begin, int64_t end);
 void fl_parallel_for(int64_t items, int64_t min_items_per_thread, fl_task task, void *context);
 
