@@ -189,6 +189,6 @@ def set_num_threads(threads):
 
 
 def get_num_threads():
-    """The C backend's thread count (see ``set_num_threads``); 1 when the C backend is missing."""
+    """Return the C backend's thread count (see ``set_num_threads``), or 1 without the C backend."""
     module = _load("c")
     return 1 if module is None else module.get_num_threads()
