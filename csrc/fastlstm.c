@@ -4,6 +4,7 @@
 #include "fastlstm_pool.h"
 
 #include <limits.h>
+#include <pthread.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,67 @@
  * and the hidden size from which the cell runs in its AVX-512 copy. */
 #define FL_MIN_CELL_WORK 2048
 #define FL_WIDE_CELL 64
+
+/* Scratch buffers that each thread keeps between calls, so that a steady-state call does not go
+ * back to malloc (or to mmap and page faults, for buffers of megabytes). A slot holds the largest
+ * buffer its thread has needed so far and is freed when the thread exits. Calls on one thread use
+ * each slot for one purpose at a time: the packed weights of a forward or backward call, the packed
+ * weights of a single product, the A panels of the row kernel, and the softmax's per-row buffers. */
+enum { FL_SCRATCH_CALL, FL_SCRATCH_PRODUCT, FL_SCRATCH_PANELS, FL_SCRATCH_ROWS, FL_SCRATCH_HEAD,
+       FL_SCRATCH_SLOTS };
+
+typedef struct {
+    void *data;
+    size_t bytes;
+} fl_scratch_slot;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_ready = 0;
+
+static void scratch_release(void *slots)
+{
+    fl_scratch_slot *slot = (fl_scratch_slot *)slots;
+    for (int k = 0; k < FL_SCRATCH_SLOTS; k++) {
+        free(slot[k].data);
+    }
+    free(slots);
+}
+
+static void scratch_create_key(void)
+{
+    scratch_ready = pthread_key_create(&scratch_key, scratch_release) == 0;
+}
+
+/* A 64-byte aligned buffer of at least bytes bytes that stays with this thread for the next call
+ * that asks for the same slot, or NULL without memory. */
+static void *fl_scratch(int slot, size_t bytes)
+{
+    pthread_once(&scratch_once, scratch_create_key);
+    if (!scratch_ready) {
+        return NULL;
+    }
+    fl_scratch_slot *slots = (fl_scratch_slot *)pthread_getspecific(scratch_key);
+    if (slots == NULL) {
+        slots = (fl_scratch_slot *)calloc(FL_SCRATCH_SLOTS, sizeof *slots);
+        if (slots == NULL || pthread_setspecific(scratch_key, slots) != 0) {
+            free(slots);
+            return NULL;
+        }
+    }
+    if (slots[slot].bytes < bytes) {
+        void *data = NULL;
+        free(slots[slot].data);
+        slots[slot].data = NULL;
+        slots[slot].bytes = 0;
+        if (posix_memalign(&data, 64, bytes) != 0) {
+            return NULL;
+        }
+        slots[slot].data = data;
+        slots[slot].bytes = bytes;
+    }
+    return slots[slot].data;
+}
 
 static int row_kernel_enabled = -1;   /* -1: not decided yet, then 0 or 1 */
 

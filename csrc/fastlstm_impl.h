@@ -95,14 +95,10 @@ static void FN(pack)(int64_t k, int64_t n, const REAL *w, int64_t ldw, int trans
     }
 }
 
-/* A 64-byte aligned buffer of n elements, or NULL; release it with free. */
-static REAL *FN(alloc_aligned)(int64_t n)
+/* n elements of this thread's scratch slot (see fl_scratch), or NULL; not to be freed. */
+static REAL *FN(scratch)(int slot, int64_t n)
 {
-    void *buffer = NULL;
-    if (n < 1 || posix_memalign(&buffer, 64, (size_t)n * sizeof(REAL)) != 0) {
-        return NULL;
-    }
-    return (REAL *)buffer;
+    return n < 1 ? NULL : (REAL *)fl_scratch(slot, (size_t)n * sizeof(REAL));
 }
 
 #if FL_ROW_KERNEL
@@ -209,7 +205,7 @@ static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t 
     const int64_t slice_depth = k < FL_DEPTH ? k : FL_DEPTH;
     REAL *panels = NULL;
     if (w_packed) {
-        panels = FN(alloc_aligned)(chunk_rows * slice_depth);
+        panels = FN(scratch)(FL_SCRATCH_PANELS, chunk_rows * slice_depth);
     }
 
     for (int64_t first = 0; first < m; first += FL_CHUNK_ROWS) {
@@ -271,7 +267,6 @@ static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t 
             }
         }
     }
-    free(panels);
 }
 
 /* Runs the product on the pool's threads, a share of column blocks each, when there is enough work
@@ -328,11 +323,10 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
         }
         /* Callers that multiply by the same W many times pack it once themselves. Without memory
          * for the packed copy, BLAS takes over. */
-        REAL *packed = FN(alloc_aligned)(FN(packed_size)(k, n));
+        REAL *packed = FN(scratch)(FL_SCRATCH_PRODUCT, FN(packed_size)(k, n));
         if (packed != NULL) {
             FN(pack)(k, n, b, ldb, trans_b, packed);
             FN(gemm_packed)(trans_a, m, n, k, a, lda, packed, beta_one, c, ldc);
-            free(packed);
             return;
         }
     }
@@ -610,13 +604,11 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
     const int64_t state_slot = keep_tape ? (steps + 1) * bh : 0;
 
     /* The row kernel reads packed copies of W_x and W_h, made once per layer for all T steps.
-     * NOTE: they are allocated per call, so a steady-state training window of a large model calls
-     * malloc, which the no-allocation test cannot see because it watches Python's allocations.
-     * Reusing them across calls needs a per-thread cache. */
+     * They live in this thread's scratch, so a steady-state call allocates nothing. */
     const int64_t widest = dims->input > hidden ? dims->input : hidden;
     REAL *packed_x = NULL, *packed_h = NULL;                   /* [I_l, G] and [H, G], packed */
     if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
-        packed_x = FN(alloc_aligned)(FN(packed_size)(widest, g) + FN(packed_size)(hidden, g));
+        packed_x = FN(scratch)(FL_SCRATCH_CALL, FN(packed_size)(widest, g) + FN(packed_size)(hidden, g));
         if (packed_x == NULL) {
             return FL_ENOMEM;
         }
@@ -672,7 +664,6 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
         memcpy(state + (2 * l + 1) * bh, h + steps * bh, (size_t)bh * sizeof(REAL));
         layer_params = bias + g;
     }
-    free(packed_x);
     fl_pool_rest();
     return FL_OK;
 }
@@ -700,7 +691,7 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
     REAL *packed_t = NULL;                                     /* W_h^T [G, H] or W_x^T [G, I_l] */
     REAL *packed_dz = NULL;                                    /* dZ [T * B, G], for dW_x and dW_h */
     if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
-        packed_t = FN(alloc_aligned)(FN(packed_size)(g, widest) + FN(packed_size)(rows, g));
+        packed_t = FN(scratch)(FL_SCRATCH_CALL, FN(packed_size)(g, widest) + FN(packed_size)(rows, g));
         if (packed_t == NULL) {
             return FL_ENOMEM;
         }
@@ -788,7 +779,6 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
         }
         d_out = d_hidden;
     }
-    free(packed_t);
     fl_pool_rest();
     return FL_OK;
 }
@@ -919,7 +909,7 @@ int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REA
 
     /* Softmax with the row maximum subtracted, and the loss -log p[label], on the pool's threads
      * by rows. The row losses are summed in row order afterwards. */
-    double *row_losses = (double *)malloc((size_t)rows * sizeof(double));
+    double *row_losses = (double *)fl_scratch(FL_SCRATCH_ROWS, (size_t)rows * sizeof(double));
     if (row_losses == NULL) {
         return FL_ENOMEM;
     }
@@ -935,13 +925,12 @@ int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REA
     for (int64_t row = 0; row < rows; row++) {
         loss_sum += row_losses[row];
     }
-    free(row_losses);
     *loss = loss_sum / (double)rows;
 
     /* dLogits = (P - onehot(labels)) / N. Large heads get their own buffer so that BLAS can
      * multiply it; small ones compute it on the fly inside the loops. */
     if (hidden * classes >= FL_BLAS_MIN_WEIGHTS && FN(blas_gemm) != NULL) {
-        REAL *d_logits = (REAL *)malloc((size_t)(rows * classes) * sizeof(REAL));
+        REAL *d_logits = FN(scratch)(FL_SCRATCH_HEAD, rows * classes);
         if (d_logits == NULL) {
             return FL_ENOMEM;
         }
@@ -962,7 +951,6 @@ int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REA
         /* dX = dLogits @ W^T */
         FN(gemm)(0, 1, rows, hidden, classes, d_logits, classes, w, classes, 0, d_inputs, hidden,
                  hidden * classes);
-        free(d_logits);
         return FL_OK;
     }
 
