@@ -6,8 +6,8 @@
 The echo model of BENCHMARKS.md (3 layers of 4 units, batch 5, windows of 15 steps, a 2-class
 softmax head, Adagrad at 0.3) trains ``--windows`` windows on the C backend through
 ``Trainer.train_window``, which makes one native call per window. Dividing a function's instruction
-count by the number of windows gives its cost per window; the Python around the calls shows up
-under libpython and is not part of it.
+count by the number of windows gives its cost per window. The Python around the calls is counted
+under libpython, not in the native functions.
 """
 
 import argparse

@@ -8,7 +8,7 @@
  *
  * It includes csrc/fastlstm.c to reach the kernel's internal functions. The best of 7 repeats, each
  * about 2 GFLOP of products, is reported: the same product again and again keeps A and as much of W as
- * fits in the caches, which is also what the time loop sees step after step.
+ * fits in the caches, as in the time loop, step after step.
  */
 #include "fastlstm.c"
 

@@ -44,7 +44,7 @@
 #define FL_WIDE_CELL 64
 
 /* Scratch buffers that each thread keeps between calls, so that a steady-state call does not go
- * back to malloc (or to mmap and page faults, for buffers of megabytes). A slot holds the largest
+ * back to malloc (or to mmap and page faults, for buffers of megabytes). A slot keeps the largest
  * buffer its thread has needed so far and is freed when the thread exits. Calls on one thread use
  * each slot for one purpose at a time: the packed weights of a forward or backward call, the packed
  * weights of a single product, the A panels of the row kernel, and the softmax's per-row buffers. */
@@ -74,8 +74,8 @@ static void scratch_create_key(void)
     scratch_ready = pthread_key_create(&scratch_key, scratch_release) == 0;
 }
 
-/* A 64-byte aligned buffer of at least bytes bytes that stays with this thread for the next call
- * that asks for the same slot, or NULL without memory. */
+/* Returns a 64-byte aligned buffer of at least `bytes` bytes, kept by this thread for its next
+ * request of the same slot, or NULL when memory runs out. */
 static void *fl_scratch(int slot, size_t bytes)
 {
     pthread_once(&scratch_once, scratch_create_key);

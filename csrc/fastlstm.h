@@ -48,14 +48,14 @@ typedef void (*fl_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, 
 /* Installs the BLAS used for large weight matrices; NULL pointers mean direct loops everywhere. */
 void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm);
 
-/* A weight matrix with at least this many elements is multiplied through BLAS, a smaller one with
- * direct loops. The choice depends only on weight sizes, never on B or T, so that one sample's
+/* A weight matrix with at least this many elements is multiplied by the row kernel (below) or by
+ * BLAS, a smaller one by direct loops. The choice depends only on weight sizes, never on B or T, so that one sample's
  * result does not depend on the batch it is in. */
 #define FL_BLAS_MIN_WEIGHTS 4096
 
 /* On CPUs with AVX-512F, every product with a weight matrix of at least FL_BLAS_MIN_WEIGHTS elements
  * runs in fastlstm's own row kernel instead of BLAS, the weight gradients included. Its result for a
- * row does not depend on the other rows or on the thread count. fl_row_kernel_available tells
+ * row does not depend on the other rows or on the thread count. fl_row_kernel_available returns
  * whether this CPU has it. fl_set_row_kernel(0) turns it off and fl_set_row_kernel(1) back on where
  * available; both return the setting now in force. */
 int fl_row_kernel_available(void);

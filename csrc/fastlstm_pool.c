@@ -70,8 +70,8 @@ static void run_chunk(int64_t chunk)
 
 /* Claims and runs chunks of the current job until none is left: first the home chunks of thread
  * `home` (0 is the caller), then any other. Home chunks give each thread the same columns call after
- * call, so each core keeps its share of the weights in its own cache; the rest lets a thread take
- * over the chunks of one that has not started. */
+ * call, so each core keeps its share of the weights in its own cache. Claiming the rest lets a
+ * thread take over the chunks of a thread that has not started. */
 static void run_chunks(int home)
 {
     const int64_t threads = atomic_load_explicit(&pool.helpers, memory_order_relaxed) + 1;
@@ -118,9 +118,9 @@ static void *worker_main(void *arg)
             continue;   /* started for a larger thread count than the current one */
         }
 
-        /* Announce first, then look: either the caller sees this worker active and waits for it,
-         * or this worker sees the job closed and touches nothing of it (sequentially consistent
-         * order of the two stores and the two loads). */
+        /* Announce first, then check: either the caller finds this worker active and waits for it,
+         * or this worker finds the job closed and touches nothing of it. The two stores and the two
+         * loads are sequentially consistent, so one of the two must happen. */
         atomic_fetch_add(&pool.active, 1);
         if (atomic_load(&pool.open)) {
             run_chunks(part);

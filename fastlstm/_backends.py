@@ -134,22 +134,22 @@ def resolve_backend(name="auto"):
     return name, module
 
 
-def _check_threads(threads, what):
+def _check_threads(threads, name):
     from fastlstm._cext import MAX_THREADS
 
     if isinstance(threads, bool):
-        raise TypeError(f"{what} must be an int, got {threads!r}")
+        raise TypeError(f"{name} must be an int, got {threads!r}")
     try:
         value = operator.index(threads)
     except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(threads).__name__} {threads!r}") from None
+        raise TypeError(f"{name} must be an int, got {type(threads).__name__} {threads!r}") from None
     if not 1 <= value <= MAX_THREADS:
-        raise ValueError(f"{what} must be in [1, {MAX_THREADS}], got {value}")
+        raise ValueError(f"{name} must be in [1, {MAX_THREADS}], got {value}")
     return value
 
 
 def _default_threads():
-    """FASTLSTM_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may run on.
+    """Return FASTLSTM_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may run on.
 
     FASTLSTM_NUM_THREADS must be a whole number in [1, MAX_THREADS]. OMP_NUM_THREADS belongs to
     OpenMP, where "4,2" (one count per nesting level) and counts above fastlstm's limit are valid, so

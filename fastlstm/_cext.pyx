@@ -291,26 +291,27 @@ cdef cnp.ndarray _check_ids(_Buffers buffers, object ids, int64_t input_size, in
     return ia
 
 
-def tanh_f32(x):
-    """Return tanh of a float32 array with the kernels' own tanh (for accuracy tests)."""
+ctypedef void (*_ArrayFunctionF32)(int64_t n, const float *x, float *out) noexcept nogil
+
+
+cdef cnp.ndarray _apply_f32(object x, _ArrayFunctionF32 function):
+    """Return function applied to a 1-dimensional float32 array, into a new array."""
     cdef _Buffers buffers = _Buffers(cnp.NPY_FLOAT32)
     cdef cnp.ndarray xa = buffers.check("x", x, cnp.NPY_FLOAT32, 1, -1)
     cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT32, 0)
     with nogil:
-        fl_tanh_array_f32(cnp.PyArray_DIM(xa, 0), <float *>cnp.PyArray_DATA(xa),
-                          <float *>cnp.PyArray_DATA(out))
+        function(cnp.PyArray_DIM(xa, 0), <float *>cnp.PyArray_DATA(xa), <float *>cnp.PyArray_DATA(out))
     return out
+
+
+def tanh_f32(x):
+    """Return tanh of a float32 array with the kernels' own tanh (for accuracy tests)."""
+    return _apply_f32(x, fl_tanh_array_f32)
 
 
 def exp_negative_f32(x):
     """Return exp of a float32 array of values <= 0 with the softmax's own exp (for accuracy tests)."""
-    cdef _Buffers buffers = _Buffers(cnp.NPY_FLOAT32)
-    cdef cnp.ndarray xa = buffers.check("x", x, cnp.NPY_FLOAT32, 1, -1)
-    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT32, 0)
-    with nogil:
-        fl_exp_negative_array_f32(cnp.PyArray_DIM(xa, 0), <float *>cnp.PyArray_DATA(xa),
-                                  <float *>cnp.PyArray_DATA(out))
-    return out
+    return _apply_f32(x, fl_exp_negative_array_f32)
 
 
 def forward(params, x, state, gates, cs, hs, double forget_bias, bint keep_tape, ids=None):

@@ -931,7 +931,7 @@ def measure_interleaved(runners, *, budget, min_rounds, max_rounds, batch_time, 
     rotated by one each round, so that slow drifts of the machine hit every runner alike. Before each
     batch the process sleeps ``settle_time`` seconds and makes one untimed call: thread pools that
     spin after a call (OpenMP, ONNX Runtime, Eigen, OpenBLAS, fastlstm's own) would otherwise take
-    cores from the runner that follows them, which a program using one library never sees. The
+    cores from the runner that follows them, which a program using one library never meets. The
     number of rounds fits ``budget`` seconds, within [min_rounds, max_rounds]. ``times`` are seconds
     per call, one per round.
     """
@@ -1182,7 +1182,8 @@ def _target_met(measured, required):
 
 
 def _targets_section(run):
-    """A table per thread setting: each target, its required ratio and the measured one."""
+    """Return the Markdown lines of the Targets section: per thread setting, each target, its
+    required ratio and the measured one."""
     titles = run["titles"]
     lines = ["## Targets", "",
              "fastlstm's speed targets as ratios of a peer's median time to fastlstm's, measured in this "

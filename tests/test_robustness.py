@@ -599,10 +599,10 @@ def test_row_kernel_results_ignore_blas_threads():
     model = make_model("c", 33, 65, 2, np.float32)
     x, state = random_inputs(model, 9, 5)
     with _threads(1):
-        one = _run(model, x, state)
+        single = _run(model, x, state)
     with _threads(2):
-        two = _run(model, x, state)
-    _assert_runs_equal(one, two, "1 and 2 BLAS threads")
+        double = _run(model, x, state)
+    _assert_runs_equal(single, double, "1 and 2 BLAS threads")
 
 
 @pytest.fixture

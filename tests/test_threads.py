@@ -54,12 +54,12 @@ def test_results_do_not_depend_on_thread_count(threads, dtype):
     x, state = random_inputs(make_model("c", INPUT, HIDDEN, LAYERS, dtype), BATCH, STEPS)
     labels = np.random.default_rng(1).integers(0, 7, size=(BATCH, STEPS))
     threads(1)
-    one = _window(dtype, x, state, labels)
+    single = _window(dtype, x, state, labels)
     for count in (2, 3):
         threads(count)
         other = _window(dtype, x, state, labels)
-        for name in one:
-            np.testing.assert_array_equal(other[name], one[name], err_msg=f"{name}, {count} threads")
+        for name in single:
+            np.testing.assert_array_equal(other[name], single[name], err_msg=f"{name}, {count} threads")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
