@@ -9,20 +9,20 @@ jitted functions themselves, so a call pays only Numba's dispatch and no Python 
 compiles once per dtype (float32, float64) and argument layout, and ``cache=True`` stores the machine
 code in ``__pycache__``.
 
-Matrix products go through BLAS (``np.dot`` with ``out=``, which Numba maps to scipy's BLAS) when the
-weight block is large, and through direct loops otherwise. The choice depends only on the weight
-block's shape, never on B or T. On the loop path a sample's result is therefore bitwise independent of
-the batch size and of its position in the batch.
-
-NOTE: on the BLAS path that independence is up to the BLAS library, and scipy's OpenBLAS 0.3.30
-breaks it: a product with one row (B = 1) is routed through gemv, and for odd inner sizes such as 257
-the result changes with the number of rows and, in float64, with a row's position. Results stay
-bitwise identical from run to run for a fixed BLAS thread count.
+Products whose output rows are samples (inputs and states times the weights, gradients times the
+transposed weights, the head's logits) run in this module's own loops, never in BLAS: every output
+element is one chain of multiply-adds in a fixed order, so a sample's result is bitwise independent
+of the batch size and of its position in the batch. Large weights are packed once per call into column
+panels and multiplied by register tiles (see ``_packed_add``). Only the weight gradients, sums over
+all samples, go through BLAS (``np.dot`` with ``out=``, which Numba maps to numpy's OpenBLAS) when the
+weight block is large; their last bits can change with the number of BLAS threads.
 """
 
+import llvmlite.ir
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import config, njit, types
+from numba.extending import intrinsic, overload
+from numba.np.arrayobj import make_array, populate_array
 
 from fastlstm._layout import GATE_F, GATE_I, GATE_J, GATE_O
 
@@ -31,12 +31,25 @@ from fastlstm._layout import GATE_F, GATE_I, GATE_J, GATE_O
 # LLVM regroup the products in _cell_backward, whose order keeps a huge c_prev from making inf * 0.
 FASTMATH = {"contract"}
 
-# A weight block [K, N] with at least this many elements is multiplied through BLAS, a smaller one
-# by direct loops. With H = 16 the recurrent block [H, 4H] has 1024 elements and is the smallest to
-# use BLAS. Measured for [B, K] @ [K, 4K] on a Skylake-X core with scipy's OpenBLAS 0.3.30: a BLAS
+# A weight gradient [K, N] with at least this many elements is summed through BLAS, a smaller one by
+# direct loops. Measured for [B, K] @ [K, 4K] on a Skylake-X core with scipy's OpenBLAS 0.3.30: a BLAS
 # call from Numba costs about 0.1 us; at B = 5, BLAS took 80% of the loops' time at 512 weights and a
-# third of it from 1024 to 4096; at B = 1 they were within 20% of each other from 1024 to 4096.
+# third of it from 1024 to 4096.
 BLAS_MIN_WEIGHTS = 1024
+
+# A product with at least _TILE_ROWS rows and a weight block of at least TILE_MIN_WEIGHTS elements
+# packs the weights and runs in register tiles of _TILE_ROWS x _TILE_COLUMNS outputs. A smaller one
+# runs row by row on the unpacked weights. Both compute each element by the same chain, so the choice
+# changes no bit. Tiles of 6 x 16 took the most GFLOP/s of the shapes tried (4 x 16, 6 x 16, 8 x 16,
+# 3 x 32, 4 x 32, 6 x 32) for the recurrent products of 200 to 650 units on a Skylake-X core: 82 to
+# 93 GFLOP/s in float32 and 46 to 50 in float64, as fast as OpenBLAS at B = 20.
+TILE_MIN_WEIGHTS = 1024
+_TILE_ROWS = 6
+_TILE_COLUMNS = 16
+_TILE_SIZE = _TILE_ROWS * _TILE_COLUMNS
+# _packed_add runs all panels over chunks of this many rows, whose piece of x ([192, K], 384 KiB for
+# K = 512 in float32) stays in the L2 cache while the weights stream past.
+_CHUNK_ROWS = 32 * _TILE_ROWS
 
 # error_model="numpy": a float division by zero gives Inf or NaN as in numpy instead of raising
 # ZeroDivisionError. Numba's default ("python") tests every divisor, and that branch also keeps loops
@@ -51,6 +64,11 @@ _OPTIMIZER_ADAM = 2
 @njit(**_JIT_OPTIONS)
 def _use_blas(rows, cols):
     return rows * cols >= BLAS_MIN_WEIGHTS
+
+
+@njit(**_JIT_OPTIONS)
+def _use_tiles(rows, inner, cols):
+    return rows >= _TILE_ROWS and inner * cols >= TILE_MIN_WEIGHTS
 
 
 # Rows of the per-column coefficients of the gate activations, see _gate_coefficients.
@@ -180,54 +198,190 @@ def _gate_coefficients(hidden, forget_bias, dtype_like):
     return coefficients
 
 
-# Matrix products. Each takes the weight block w [K, N] and picks BLAS or loops by w's shape alone.
+# Matrix products. The ones with a row per sample compute out[r, n] = start + x[r, 0] * w[0, n] +
+# x[r, 1] * w[1, n] + ... in that order, one multiply-add at a time, on the tile path and on the row
+# path alike.
+
+
+if config.DISABLE_JIT:
+    def _stack_array(like, size):
+        return np.empty(size, dtype=like.dtype)
+else:
+    @intrinsic(prefer_literal=True)
+    def _stack_array(typingctx, like, size):
+        """Return an array of ``size`` (a constant) elements of like's dtype in the caller's stack frame.
+
+        A tile's sums live there rather than in a heap array, because LLVM keeps a fixed-size stack
+        array indexed by constants in vector registers. With a heap array every multiply-add went
+        through memory, at a third of the speed. The array must not outlive the calling function.
+        """
+        if not isinstance(size, types.IntegerLiteral):
+            return None
+        array_type = types.Array(like.dtype, 1, "C")
+        count = size.literal_value
+
+        def codegen(context, builder, signature, args):
+            element = context.get_value_type(like.dtype)
+            with builder.goto_entry_block():
+                data = builder.alloca(llvmlite.ir.ArrayType(element, count))
+            itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
+            array = make_array(array_type)(context, builder)
+            populate_array(array, data=builder.bitcast(data, element.as_pointer()),
+                           shape=[context.get_constant(types.intp, count)], strides=[itemsize],
+                           itemsize=itemsize, meminfo=None)
+            return array._getvalue()
+
+        return array_type(like, size), codegen
+
+
+@njit(**_JIT_OPTIONS)
+def _packed_shape(inner, cols):
+    return ((cols + _TILE_COLUMNS - 1) // _TILE_COLUMNS, inner, _TILE_COLUMNS)
+
+
+@njit(**_JIT_OPTIONS)
+def _pack(w, packed):
+    """packed[p, k, j] = w[k, p * _TILE_COLUMNS + j], and 0 past w's last column.
+
+    w [K, N] read, any strides (a transposed view packs the transpose); packed [ceil(N / 16), K, 16]
+    written.
+    """
+    inner, cols = w.shape
+    zero = packed.dtype.type(0.0)
+    for panel in range(packed.shape[0]):
+        first = panel * _TILE_COLUMNS
+        width = min(_TILE_COLUMNS, cols - first)
+        for k in range(inner):
+            for j in range(width):
+                packed[panel, k, j] = w[k, first + j]
+            for j in range(width, _TILE_COLUMNS):
+                packed[panel, k, j] = zero
+
+
+@njit(**_JIT_OPTIONS)
+def _packed_add(x, packed, out):
+    """out += x @ w, with w given as packed by ``_pack``.
+
+    x [M, K] read; packed [ceil(N / 16), K, 16] read; out [M, N] read and written.
+
+    Rows go in tiles of 6, and the M % 6 rows left over in a zero-padded copy of 6 rows, because
+    tiles of fewer rows compiled to scalar code. Full panels of 16 columns run through ``_tile``, a
+    partial last panel row by row. Each sum starts from out and adds x[r, k] * w[k, n] for
+    k = 0, 1, ... in every case.
+    """
+    rows, inner = x.shape
+    cols = out.shape[1]
+    tiled = rows - rows % _TILE_ROWS
+    rest = rows - tiled
+    x_rest = np.zeros((_TILE_ROWS if rest > 0 else 0, inner), dtype=out.dtype)
+    out_rest = np.zeros((_TILE_ROWS if rest > 0 else 0, cols), dtype=out.dtype)
+    x_rest[:rest] = x[tiled:]
+    out_rest[:rest] = out[tiled:]
+
+    # The last chunk takes the padded rows along, so that the weights stream past once per chunk.
+    chunk_start = 0
+    while True:
+        chunk_end = min(chunk_start + _CHUNK_ROWS, tiled)
+        if chunk_end < tiled:
+            _packed_add_rows(x[chunk_start:chunk_end], packed, out[chunk_start:chunk_end],
+                             x_rest[:0], out_rest[:0])
+        else:
+            _packed_add_rows(x[chunk_start:chunk_end], packed, out[chunk_start:chunk_end], x_rest,
+                             out_rest)
+            break
+        chunk_start = chunk_end
+    out[tiled:] = out_rest[:rest]
+
+
+@njit(**_JIT_OPTIONS)
+def _packed_add_rows(x, packed, out, x_rest, out_rest):
+    # One chunk of _packed_add, whose rows stay in cache while the panels of w stream past.
+    # x [M, K] with M a multiple of 6, x_rest [6, K] or [0, K]; out [M, N] and out_rest [6 or 0, N].
+    cols = out.shape[1]
+    for panel in range(cols // _TILE_COLUMNS):
+        weights = packed[panel]
+        for r in range(0, x.shape[0], _TILE_ROWS):
+            _tile(x, r, weights, out, panel * _TILE_COLUMNS)
+        if x_rest.shape[0] > 0:
+            _tile(x_rest, 0, weights, out_rest, panel * _TILE_COLUMNS)
+
+    # A partial last panel, row by row on its zero-padded weights.
+    first = cols - cols % _TILE_COLUMNS
+    if first < cols:
+        weights = packed[first // _TILE_COLUMNS, :, :cols - first]
+        _rows_add(x, weights, out[:, first:])
+        _rows_add(x_rest, weights, out_rest[:, first:])
+
+
+@njit(**_JIT_OPTIONS)
+def _tile(x, r, weights, out, first):
+    """out[r:r + 6, first:first + 16] += x[r:r + 6] @ weights, the 96 sums held in registers.
+
+    x [M, K] read; weights [K, 16] read (one packed panel); out [M, N] read and written.
+    """
+    tile = _stack_array(x, _TILE_SIZE)
+    for q in range(_TILE_SIZE):
+        tile[q] = out[r + q // _TILE_COLUMNS, first + q % _TILE_COLUMNS]
+    for k in range(x.shape[1]):
+        x_0 = x[r, k]
+        x_1 = x[r + 1, k]
+        x_2 = x[r + 2, k]
+        x_3 = x[r + 3, k]
+        x_4 = x[r + 4, k]
+        x_5 = x[r + 5, k]
+        for j in range(_TILE_COLUMNS):
+            w_kj = weights[k, j]
+            tile[j] += x_0 * w_kj
+            tile[_TILE_COLUMNS + j] += x_1 * w_kj
+            tile[2 * _TILE_COLUMNS + j] += x_2 * w_kj
+            tile[3 * _TILE_COLUMNS + j] += x_3 * w_kj
+            tile[4 * _TILE_COLUMNS + j] += x_4 * w_kj
+            tile[5 * _TILE_COLUMNS + j] += x_5 * w_kj
+    for q in range(_TILE_SIZE):
+        out[r + q // _TILE_COLUMNS, first + q % _TILE_COLUMNS] = tile[q]
+
+
+@njit(**_JIT_OPTIONS)
+def _rows_add(x, w, out):
+    """out += x @ w row by row on the unpacked weights.
+
+    x [M, K] read; w [K, N] read; out [M, N] read and written.
+    """
+    rows, inner = x.shape
+    cols = w.shape[1]
+    for r in range(rows):
+        for k in range(inner):
+            x_rk = x[r, k]
+            for n in range(cols):
+                out[r, n] += x_rk * w[k, n]
+
+
+@njit(**_JIT_OPTIONS)
+def _product_add(x, w, out):
+    """out += x @ w, packing w first when the product is large enough to repay it.
+
+    x [M, K] read; w [K, N] read, any strides; out [M, N] read and written.
+    """
+    rows, inner = x.shape
+    cols = w.shape[1]
+    if _use_tiles(rows, inner, cols):
+        packed = np.empty(_packed_shape(inner, cols), dtype=out.dtype)
+        _pack(w, packed)
+        _packed_add(x, packed, out)
+    else:
+        _rows_add(x, w, out)
 
 
 @njit(**_JIT_OPTIONS)
 def _matmul_bias(x, w, bias, out):
-    """out = x @ w + bias.
+    """out = bias + x @ w.
 
     x [M, K] read; w [K, N] read; bias [N] read; out [M, N] written.
     """
-    rows, inner = x.shape
-    cols = w.shape[1]
-    if _use_blas(inner, cols):
-        # out = x @ w
-        np.dot(x, w, out)
-        for r in range(rows):
-            for n in range(cols):
-                out[r, n] += bias[n]
-    else:
-        for r in range(rows):
-            for n in range(cols):
-                out[r, n] = bias[n]
-            for k in range(inner):
-                x_rk = x[r, k]
-                for n in range(cols):
-                    out[r, n] += x_rk * w[k, n]
-
-
-@njit(**_JIT_OPTIONS)
-def _matmul_add(x, w, out, scratch):
-    """out += x @ w.
-
-    x [M, K] read; w [K, N] read; out [M, N] read and written; scratch [M, N] on the BLAS path,
-    unused on the loop path.
-    """
-    rows, inner = x.shape
-    cols = w.shape[1]
-    if _use_blas(inner, cols):
-        # scratch = x @ w
-        np.dot(x, w, scratch)
-        for r in range(rows):
-            for n in range(cols):
-                out[r, n] += scratch[r, n]
-    else:
-        for r in range(rows):
-            for k in range(inner):
-                x_rk = x[r, k]
-                for n in range(cols):
-                    out[r, n] += x_rk * w[k, n]
+    rows = x.shape[0]
+    for r in range(rows):
+        out[r] = bias
+    _product_add(x, w, out)
 
 
 @njit(**_JIT_OPTIONS)
@@ -238,10 +392,12 @@ def _matmul_transposed(dz, w, out):
     """
     rows, cols = dz.shape
     inner = w.shape[0]
-    if _use_blas(inner, cols):
-        # out = dz @ w.T
-        np.dot(dz, w.T, out)
+    if _use_tiles(rows, cols, inner):
+        out[:] = 0.0
+        _product_add(dz, w.T, out)
     else:
+        # The same chain as the tile path, 0 + dz[r, 0] * w[k, 0] + dz[r, 1] * w[k, 1] + ..., as a
+        # sum over the contiguous rows of w.
         zero = out.dtype.type(0.0)
         for r in range(rows):
             for k in range(inner):
@@ -441,14 +597,16 @@ def forward(params, x, state, gates, cs, hs, forget_bias, keep_tape, ids=None):
     if ids is not None:
         _check_ids(ids, input_size)
     coefficients = _gate_coefficients(hidden, forget_bias, params)
-    recurrent_scratch = np.empty((batch if _use_blas(hidden, num_gates) else 0, num_gates),
-                                 dtype=params.dtype)
+    recurrent_tiles = _use_tiles(batch, hidden, num_gates)
+    recurrent_packed = np.empty(_packed_shape(hidden, num_gates) if recurrent_tiles else (0, 0, 0),
+                                dtype=params.dtype)
 
     for layer in range(num_layers):
         layer_input = input_size if layer == 0 else hidden
         start = _layer_start(layer, input_size, hidden)
         bias_start = start + (layer_input + hidden) * num_gates
         kernel = params[start:bias_start].reshape((layer_input + hidden, num_gates))
+        recurrent = kernel[layer_input:]
         bias = params[bias_start:bias_start + num_gates]
         slot = layer if keep_tape else 0
         below = layer - 1 if keep_tape else 0
@@ -466,11 +624,17 @@ def forward(params, x, state, gates, cs, hs, forget_bias, keep_tape, ids=None):
             _matmul_bias(hs[below, 1:].reshape((steps * batch, hidden)), kernel[:layer_input], bias,
                          z_rows)
 
-        # Time loop: z_t += h_{t-1} @ W[I_l:], then the pointwise cell.
+        # Time loop: z_t += h_{t-1} @ W[I_l:], then the pointwise cell. Large recurrent weights are
+        # packed once for all T steps.
+        if recurrent_tiles:
+            _pack(recurrent, recurrent_packed)
         cs[slot, 0] = state[layer, 0]
         hs[slot, 0] = state[layer, 1]
         for t in range(steps):
-            _matmul_add(hs[slot, t], kernel[layer_input:], z[t], recurrent_scratch)
+            if recurrent_tiles:
+                _packed_add(hs[slot, t], recurrent_packed, z[t])
+            else:
+                _rows_add(hs[slot, t], recurrent, z[t])
             _cell_forward(z[t], cs[slot, t], cs[slot, t + 1], hs[slot, t + 1], coefficients)
 
         state[layer, 0] = cs[slot, steps]
@@ -498,12 +662,16 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
         _check_ids(ids, input_size)
     dz_rows = dz.reshape((steps * batch, num_gates))
     tanh_c = np.empty((batch, hidden), dtype=params.dtype)
+    recurrent_tiles = _use_tiles(batch, num_gates, hidden)
+    recurrent_packed = np.empty(_packed_shape(num_gates, hidden) if recurrent_tiles else (0, 0, 0),
+                                dtype=params.dtype)
 
     for layer in range(num_layers - 1, -1, -1):
         layer_input = input_size if layer == 0 else hidden
         start = _layer_start(layer, input_size, hidden)
         bias_start = start + (layer_input + hidden) * num_gates
         kernel = params[start:bias_start].reshape((layer_input + hidden, num_gates))
+        recurrent = kernel[layer_input:]
         d_kernel = grad[start:bias_start].reshape((layer_input + hidden, num_gates))
         d_bias = grad[bias_start:bias_start + num_gates]
         d_c = d_state[layer, 0]
@@ -515,7 +683,10 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
             d_c[:] = d_final_state[layer, 0]
             d_h[:] = d_final_state[layer, 1]
 
-        # Time loop, reversed: dz_t from the cell, then dh_{t-1} = dz_t @ W[I_l:].T.
+        # Time loop, reversed: dz_t from the cell, then dh_{t-1} = dz_t @ W[I_l:].T, with large
+        # recurrent weights packed transposed once for all T steps.
+        if recurrent_tiles:
+            _pack(recurrent.T, recurrent_packed)
         for t in range(steps - 1, -1, -1):
             if layer == num_layers - 1:
                 _cell_backward(gates[layer, t], cs[layer, t], cs[layer, t + 1], d_y[t], d_c, d_h, dz[t],
@@ -523,7 +694,11 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
             else:
                 _cell_backward(gates[layer, t], cs[layer, t], cs[layer, t + 1], d_hidden[t], d_c, d_h,
                                dz[t], tanh_c)
-            _matmul_transposed(dz[t], kernel[layer_input:], d_h)
+            if recurrent_tiles:
+                d_h[:] = 0.0
+                _packed_add(dz[t], recurrent_packed, d_h)
+            else:
+                _matmul_transposed(dz[t], recurrent, d_h)
 
         # Weight gradients for all steps: dW[:I_l] += X.T @ dZ, dW[I_l:] += H_prev.T @ dZ,
         # db += dZ summed over rows.
@@ -563,8 +738,6 @@ def step(params, x_t, state, gates, forget_bias, ids=None):
     if ids is not None:
         _check_ids(ids, input_size)
     coefficients = _gate_coefficients(hidden, forget_bias, params)
-    recurrent_scratch = np.empty((batch if _use_blas(hidden, num_gates) else 0, num_gates),
-                                 dtype=params.dtype)
 
     for layer in range(num_layers):
         layer_input = input_size if layer == 0 else hidden
@@ -580,7 +753,7 @@ def step(params, x_t, state, gates, forget_bias, ids=None):
                 _gather_rows(ids, kernel[:layer_input], bias, gates)
         else:
             _matmul_bias(state[layer - 1, 1], kernel[:layer_input], bias, gates)
-        _matmul_add(state[layer, 1], kernel[layer_input:], gates, recurrent_scratch)
+        _product_add(state[layer, 1], kernel[layer_input:], gates)
         _cell_forward(gates, state[layer, 0], state[layer, 0], state[layer, 1], coefficients)
 
 

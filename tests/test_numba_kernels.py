@@ -22,8 +22,10 @@ from fastlstm._layout import layer_offsets, num_params
 
 DTYPES = [np.float32, np.float64]
 
-# (L, I, H, B, T, forget_bias). H = 257 makes every weight block large enough for the BLAS path;
-# I = 300 with H = 8 sends only layer 0's input projection through BLAS.
+# (L, I, H, B, T, forget_bias). H = 257 makes every weight block large enough for the packed tiles
+# (and the weight gradients for BLAS); I = 300 with H = 8 makes only layer 0's input block that large.
+# B = 7 with H = 65 puts a row past the last tile of 6 and columns in a partial panel of 16 (4H = 260
+# and, backwards, H = 65); B = 12 with H = 48 fills whole tiles and panels.
 SHAPES = [
     (1, 3, 5, 2, 4, 1.0),
     (3, 1, 4, 5, 15, 1.0),
@@ -34,6 +36,8 @@ SHAPES = [
     (2, 5, 3, 4, 1, 1.0),
     (1, 300, 8, 2, 3, 1.0),
     (2, 7, 257, 3, 3, 1.0),
+    (2, 33, 65, 7, 4, 1.0),
+    (1, 40, 48, 12, 3, 0.0),
 ]
 SHAPE_IDS = [f"L{s[0]}-I{s[1]}-H{s[2]}-B{s[3]}-T{s[4]}" for s in SHAPES]
 
@@ -96,6 +100,41 @@ def reference_run(params, x, state, forget_bias):
                              forget_bias)
 
 
+# Matrix products.
+
+# (M, K, N): below and above 6 rows, row counts off the tile of 6 (7, 13) and past a chunk of 192 rows
+# (197, 390), column counts off the panel of 16 (260, 100, 37), and K * N below TILE_MIN_WEIGHTS (13,
+# 64, 16), where every row runs in the row loops.
+PRODUCT_SHAPES = [(1, 40, 260), (5, 40, 260), (6, 40, 260), (7, 33, 260), (13, 64, 16), (197, 48, 100),
+                  (390, 33, 37)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inner,cols", PRODUCT_SHAPES)
+def test_products_match_numpy_and_ignore_row_position(dtype, rows, inner, cols):
+    rng = np.random.default_rng(rows + inner + cols)
+    x = rng.normal(size=(rows, inner)).astype(dtype)
+    w = rng.normal(size=(inner, cols)).astype(dtype)
+    bias = rng.normal(size=cols).astype(dtype)
+    dz = rng.normal(size=(rows, cols)).astype(dtype)
+
+    out = np.full((rows, cols), np.nan, dtype=dtype)
+    kernels._matmul_bias(x, w, bias, out)
+    assert_close(out, x.astype(np.float64) @ w.astype(np.float64) + bias, dtype, "x @ w + bias")
+    back = np.full((rows, inner), np.nan, dtype=dtype)
+    kernels._matmul_transposed(dz, w, back)
+    assert_close(back, dz.astype(np.float64) @ w.astype(np.float64).T, dtype, "dz @ w.T")
+
+    # Each row alone takes the row loops; it must get the bits that its tile or padded tile gave.
+    for r in range(rows):
+        alone = np.empty((1, cols), dtype=dtype)
+        kernels._matmul_bias(x[r:r + 1], w, bias, alone)
+        np.testing.assert_array_equal(alone[0], out[r], err_msg=f"x @ w + bias, row {r}")
+        alone_back = np.empty((1, inner), dtype=dtype)
+        kernels._matmul_transposed(dz[r:r + 1], w, alone_back)
+        np.testing.assert_array_equal(alone_back[0], back[r], err_msg=f"dz @ w.T, row {r}")
+
+
 # Forward.
 
 
@@ -154,9 +193,11 @@ def test_forward_is_bitwise_repeatable(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_sample_independent_of_batch(dtype):
-    # H = 4 is on the loop path, where a sample's result must not depend on the batch around it.
-    shape = (3, 2, 4, 6, 7, 1.0)
+@pytest.mark.parametrize("shape", [(3, 2, 4, 6, 7, 1.0), (2, 20, 33, 7, 4, 1.0)], ids=["loops", "tiles"])
+def test_forward_sample_independent_of_batch(dtype, shape):
+    # A sample's result must not depend on the batch around it. With H = 4 every product runs in the
+    # row loops; with H = 33 and B = 7 the batch runs in packed tiles (one of them zero-padded) and
+    # each sample alone in the row loops.
     params, x, state = make_problem(shape, dtype)
     final, _, _, hs = run_forward(params, x, state, 1.0, False)
 
@@ -166,7 +207,7 @@ def test_forward_sample_independent_of_batch(dtype):
         np.testing.assert_array_equal(hs_b[-1, 1:, 0], hs[-1, 1:, b])
         np.testing.assert_array_equal(final_b[:, :, 0], final[:, :, b])
 
-    order = np.array([3, 0, 5, 1, 4, 2])
+    order = np.random.default_rng(1).permutation(shape[3])
     final_p, _, _, hs_p = run_forward(params, x[:, order].copy(), state[:, :, order].copy(), 1.0, False)
     np.testing.assert_array_equal(hs_p[-1, 1:], hs[-1, 1:][:, order])
     np.testing.assert_array_equal(final_p, final[:, :, order])
@@ -559,7 +600,9 @@ DISABLED_JIT_SCRIPT = textwrap.dedent("""
 
     assert isinstance(kernels.forward, types.FunctionType), type(kernels.forward)
     for dtype in tests.DTYPES:
-        # H = 16 puts the recurrent block on the BLAS branch, H = 3 on the loop branch.
+        # H = 16 puts the weight gradients on the BLAS branch, H = 3 on the loop branch; the product
+        # test runs the packed tiles, a padded one and a partial panel.
+        tests.test_products_match_numpy_and_ignore_row_position(dtype, 7, 33, 260)
         for shape in [(2, 3, 3, 2, 3, 1.0), (1, 2, 16, 2, 2, 1.0)]:
             for keep_tape in (True, False):
                 tests.test_forward_matches_reference(dtype, shape, keep_tape)
