@@ -42,7 +42,10 @@ int main(int argc, char **argv)
     float *a = malloc((size_t)(m * k) * sizeof(float));
     float *w = malloc((size_t)(k * n) * sizeof(float));
     float *c = malloc((size_t)(m * n) * sizeof(float));
-    float *packed = alloc_aligned_f32(packed_size_f32(k, n));
+    float *packed = NULL;
+    if (posix_memalign((void **)&packed, 64, (size_t)packed_size_f32(k, n) * sizeof(float)) != 0) {
+        packed = NULL;
+    }
     if (a == NULL || w == NULL || c == NULL || packed == NULL) {
         fprintf(stderr, "out of memory\n");
         return 1;

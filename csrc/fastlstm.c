@@ -38,6 +38,10 @@
 /* Multiply-adds that one thread of a product must get before the pool wakes a second one. */
 #define FL_MIN_THREAD_WORK (1 << 17)
 
+/* Elements that one thread of a copy (packing, the bias rows) or of an elementwise pass (the
+ * optimizer update, the bias gradient) must get before the pool wakes a second one. */
+#define FL_MIN_THREAD_ELEMS (1 << 16)
+
 /* Units (row elements) of the cell that one thread must get before the pool wakes a second one,
  * and the hidden size from which the cell runs in its AVX-512 copy. */
 #define FL_MIN_CELL_WORK 2048

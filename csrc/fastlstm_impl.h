@@ -71,28 +71,48 @@ static inline int64_t FN(packed_size)(int64_t k, int64_t n)
     return (n + FL_BLOCK_COLS - 1) / FL_BLOCK_COLS * FL_BLOCK_COLS * k;
 }
 
-/* packed = W in column blocks, from W [K, N] with row stride ldw, or, with transposed set, from W
- * stored [N, K] (so that the product is A @ W^T). Columns past N are zero. */
-static void FN(pack)(int64_t k, int64_t n, const REAL *w, int64_t ldw, int transposed, REAL *packed)
+/* What FN(pack) copies: W [K, N] with row stride ldw, or W stored [N, K] when transposed is set. */
+typedef struct {
+    int64_t k, n, ldw;
+    const REAL *w;
+    int transposed;
+    REAL *packed;
+} FN(pack_job);
+
+/* Column blocks [block_begin, block_end) of FN(pack): the share of one thread. */
+static void FN(pack_blocks)(void *context, int64_t block_begin, int64_t block_end)
 {
-    const int64_t width = FL_BLOCK_COLS;
-    for (int64_t col0 = 0; col0 < n; col0 += width) {
-        REAL *block = packed + (col0 / width) * k * width;          /* [K, width] */
+    const FN(pack_job) *job = (const FN(pack_job) *)context;
+    const int64_t width = FL_BLOCK_COLS, k = job->k, n = job->n, ldw = job->ldw;
+    for (int64_t col0 = block_begin * width; col0 < n && col0 < block_end * width; col0 += width) {
+        REAL *block = job->packed + (col0 / width) * k * width;     /* [K, width] */
         const int64_t cols = n - col0 < width ? n - col0 : width;
-        if (transposed) {
+        if (job->transposed) {
             for (int64_t col = 0; col < width; col++) {
-                const REAL *w_row = w + (col0 + col) * ldw;          /* column col0 + col of W */
+                const REAL *w_row = job->w + (col0 + col) * ldw;     /* column col0 + col of W */
                 for (int64_t p = 0; p < k; p++) {
                     block[p * width + col] = col < cols ? w_row[p] : 0;
                 }
             }
         } else {
             for (int64_t p = 0; p < k; p++) {
-                memcpy(block + p * width, w + p * ldw + col0, (size_t)cols * sizeof(REAL));
+                memcpy(block + p * width, job->w + p * ldw + col0, (size_t)cols * sizeof(REAL));
                 memset(block + p * width + cols, 0, (size_t)(width - cols) * sizeof(REAL));
             }
         }
     }
+}
+
+/* packed = W in column blocks, from W [K, N] with row stride ldw, or, with transposed set, from W
+ * stored [N, K] (so that the product is A @ W^T). Columns past N are zero. The pool's threads copy
+ * a share of the blocks each, because packing dZ for the weight gradients moves megabytes. */
+static void FN(pack)(int64_t k, int64_t n, const REAL *w, int64_t ldw, int transposed, REAL *packed)
+{
+    const FN(pack_job) job = {k, n, ldw, w, transposed, packed};
+    const int64_t blocks = (n + FL_BLOCK_COLS - 1) / FL_BLOCK_COLS;
+    const int64_t block_elems = k * FL_BLOCK_COLS;
+    fl_parallel_for(blocks, (FL_MIN_THREAD_ELEMS + block_elems - 1) / block_elems, FN(pack_blocks),
+                    (void *)&job);
 }
 
 /* n elements of this thread's scratch slot (see fl_scratch), or NULL; not to be freed. */
@@ -549,11 +569,39 @@ static void FN(cell_backward)(int64_t batch, int64_t hidden, const REAL *acts, c
  * Layers over T steps.
  */
 
-/* Sets each of rows rows of out [rows, G] to the bias [G]. */
+/* Arguments of the row-wise copies below; ids is NULL for FN(fill_rows). */
+typedef struct {
+    int64_t rows, g;
+    const int64_t *ids;
+    const REAL *w, *bias;
+    REAL *out;
+} FN(rows_job);
+
+static void FN(fill_rows_range)(void *context, int64_t begin, int64_t end)
+{
+    const FN(rows_job) *job = (const FN(rows_job) *)context;
+    for (int64_t row = begin; row < end; row++) {
+        memcpy(job->out + row * job->g, job->bias, (size_t)job->g * sizeof(REAL));
+    }
+}
+
+/* Sets each of rows rows of out [rows, G] to the bias [G], a share of the rows per thread. */
 static void FN(fill_rows)(int64_t rows, int64_t g, const REAL *bias, REAL *out)
 {
-    for (int64_t row = 0; row < rows; row++) {
-        memcpy(out + row * g, bias, (size_t)g * sizeof(REAL));
+    const FN(rows_job) job = {rows, g, NULL, NULL, bias, out};
+    fl_parallel_for(rows, (FL_MIN_THREAD_ELEMS + g - 1) / g, FN(fill_rows_range), (void *)&job);
+}
+
+static void FN(gather_rows_range)(void *context, int64_t begin, int64_t end)
+{
+    const FN(rows_job) *job = (const FN(rows_job) *)context;
+    const int64_t g = job->g;
+    for (int64_t row = begin; row < end; row++) {
+        const REAL *restrict w_row = job->w + job->ids[row] * g;
+        REAL *restrict out_row = job->out + row * g;
+        for (int64_t col = 0; col < g; col++) {
+            out_row[col] = job->bias[col] + w_row[col];
+        }
     }
 }
 
@@ -563,27 +611,40 @@ static void FN(fill_rows)(int64_t rows, int64_t g, const REAL *bias, REAL *out)
 static void FN(gather_rows)(int64_t rows, int64_t g, const int64_t *ids, const REAL *w_x,
                             const REAL *bias, REAL *out)
 {
-    for (int64_t row = 0; row < rows; row++) {
-        const REAL *restrict w_row = w_x + ids[row] * g;
-        REAL *restrict out_row = out + row * g;
-        for (int64_t col = 0; col < g; col++) {
-            out_row[col] = bias[col] + w_row[col];
+    const FN(rows_job) job = {rows, g, ids, w_x, bias, out};
+    fl_parallel_for(rows, (FL_MIN_THREAD_ELEMS + g - 1) / g, FN(gather_rows_range), (void *)&job);
+}
+
+/* Columns [begin, end) of FN(scatter_add_rows) (ids set) or FN(add_column_sums) (ids NULL), over
+ * all rows in row order: out is dW_x [I, G] or the bias gradient [G], w is dZ [rows, G]. */
+static void FN(add_rows_range)(void *context, int64_t begin, int64_t end)
+{
+    const FN(rows_job) *job = (const FN(rows_job) *)context;
+    const int64_t g = job->g;
+    for (int64_t row = 0; row < job->rows; row++) {
+        const REAL *restrict dz_row = job->w + row * g;
+        REAL *restrict out_row = job->out + (job->ids != NULL ? job->ids[row] * g : 0);
+        for (int64_t col = begin; col < end; col++) {
+            out_row[col] += dz_row[col];
         }
     }
 }
 
 /* Backward of gather_rows for the weights: dW_x[ids[row]] += dz[row] for each row, in row order.
- * ids [rows] read; dz [rows, G] read; dw_x [I, G] accumulated. */
+ * ids [rows] read; dz [rows, G] read; dw_x [I, G] accumulated. The threads split the columns, so
+ * each element still gets its rows in order. */
 static void FN(scatter_add_rows)(int64_t rows, int64_t g, const int64_t *ids, const REAL *dz,
                                  REAL *dw_x)
 {
-    for (int64_t row = 0; row < rows; row++) {
-        const REAL *restrict dz_row = dz + row * g;
-        REAL *restrict dw_row = dw_x + ids[row] * g;
-        for (int64_t col = 0; col < g; col++) {
-            dw_row[col] += dz_row[col];
-        }
-    }
+    const FN(rows_job) job = {rows, g, ids, dz, NULL, dw_x};
+    fl_parallel_for(g, (FL_MIN_THREAD_ELEMS + rows - 1) / rows, FN(add_rows_range), (void *)&job);
+}
+
+/* d_bias [G] += the sum of the rows of dz [rows, G], in row order, the columns split as above. */
+static void FN(add_column_sums)(int64_t rows, int64_t g, const REAL *dz, REAL *d_bias)
+{
+    const FN(rows_job) job = {rows, g, NULL, dz, NULL, d_bias};
+    fl_parallel_for(g, (FL_MIN_THREAD_ELEMS + rows - 1) / rows, FN(add_rows_range), (void *)&job);
 }
 
 int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const int64_t *ids,
@@ -760,12 +821,7 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
             FN(gemm)(1, 0, hidden, g, rows, h, hidden, dz, g, 1, dw_h, g, hidden * g);
         }
         /* db += sum over rows of dZ */
-        for (int64_t row = 0; row < rows; row++) {
-            const REAL *dz_row = dz + row * g;
-            for (int64_t col = 0; col < g; col++) {
-                d_bias[col] += dz_row[col];
-            }
-        }
+        FN(add_column_sums)(rows, g, dz, d_bias);
         /* dX = dZ @ W_x^T: the output gradient of the layer below, or d_x for layer 0. Token ids
          * have no gradient. */
         if (l > 0 || ids == NULL) {
@@ -979,37 +1035,60 @@ int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REA
  * Optimizers and the fused training window.
  */
 
-/* Updates n weights w in place from the gradient g multiplied by grad_scale (clipping).
- * slots: none for SGD, the accumulator [n] for Adagrad, m [n] then v [n] for Adam. */
-static void FN(optimizer_update)(const fl_optimizer *opt, REAL grad_scale, int64_t n, REAL *w,
-                                 const REAL *grad, REAL *slots)
+/* Arguments of FN(optimizer_update). */
+typedef struct {
+    const fl_optimizer *opt;
+    REAL grad_scale;
+    int64_t n;
+    REAL *w;
+    const REAL *grad;
+    REAL *slots;
+} FN(update_job);
+
+/* Weights [begin, end) of FN(optimizer_update): the share of one thread. */
+static void FN(update_range)(void *context, int64_t begin, int64_t end)
 {
+    const FN(update_job) *job = (const FN(update_job) *)context;
+    const fl_optimizer *opt = job->opt;
+    const REAL grad_scale = job->grad_scale;
+    const REAL *grad = job->grad;
+    REAL *w = job->w;
     const REAL lr = (REAL)opt->learning_rate;
     if (opt->kind == FL_SGD) {
-        for (int64_t k = 0; k < n; k++) {
+        for (int64_t k = begin; k < end; k++) {
             w[k] -= lr * (grad[k] * grad_scale);
         }
     } else if (opt->kind == FL_ADAGRAD) {
-        REAL *acc = slots;
-        for (int64_t k = 0; k < n; k++) {
+        REAL *acc = job->slots;
+        for (int64_t k = begin; k < end; k++) {
             const REAL gk = grad[k] * grad_scale;
             acc[k] += gk * gk;
             w[k] -= lr * gk / SQRT(acc[k]);
         }
     } else {
-        REAL *m = slots, *v = slots + n;
+        REAL *m = job->slots, *v = job->slots + job->n;
         const double t = (double)opt->step;
         const REAL alpha = (REAL)(opt->learning_rate * sqrt(1.0 - pow(opt->beta_2, t))
                                   / (1.0 - pow(opt->beta_1, t)));
         const REAL one_minus_b1 = (REAL)(1.0 - opt->beta_1), one_minus_b2 = (REAL)(1.0 - opt->beta_2);
         const REAL eps = (REAL)opt->epsilon;
-        for (int64_t k = 0; k < n; k++) {
+        for (int64_t k = begin; k < end; k++) {
             const REAL gk = grad[k] * grad_scale;
             m[k] += (gk - m[k]) * one_minus_b1;
             v[k] += (gk * gk - v[k]) * one_minus_b2;
             w[k] -= alpha * m[k] / (SQRT(v[k]) + eps);
         }
     }
+}
+
+/* Updates n weights w in place from the gradient g multiplied by grad_scale (clipping), a share
+ * of the weights per thread. slots: none for SGD, the accumulator [n] for Adagrad, m [n] then
+ * v [n] for Adam. */
+static void FN(optimizer_update)(const fl_optimizer *opt, REAL grad_scale, int64_t n, REAL *w,
+                                 const REAL *grad, REAL *slots)
+{
+    const FN(update_job) job = {opt, grad_scale, n, w, grad, slots};
+    fl_parallel_for(n, FL_MIN_THREAD_ELEMS, FN(update_range), (void *)&job);
 }
 
 static double FN(sum_squares)(int64_t n, const REAL *values)

@@ -62,6 +62,35 @@ def test_results_do_not_depend_on_thread_count(threads, dtype):
             np.testing.assert_array_equal(other[name], single[name], err_msg=f"{name}, {count} threads")
 
 
+def _token_windows(dtype, windows, vocab):
+    """Parameters and losses after fused training windows of a token-input model with Adam."""
+    from fastlstm import optim
+    from fastlstm.charlm import CharLM, CharLMTrainer
+
+    model = CharLM(vocab, 128, 2, dtype=dtype, backend="c", seed=0)
+    trainer = CharLMTrainer(model, optim.Adam(0.01, clip_norm=1.0), windows[0][0].shape[0])
+    losses = [trainer.train_window(inputs, targets) for inputs, targets in windows]
+    return {"losses": np.array(losses), "lstm params": model.lstm.params.copy(),
+            "head params": model.head.params.copy(), "state": trainer.state.copy()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_token_windows_do_not_depend_on_thread_count(threads, dtype):
+    # T * B = 512 rows of G = 512 columns: enough for the pool to split the embedding gather and
+    # scatter, the bias rows and column sums, the packing of dZ and the optimizer update.
+    vocab = 50
+    rng = np.random.default_rng(2)
+    windows = [(rng.integers(0, vocab, size=(16, 32)), rng.integers(0, vocab, size=(16, 32)))
+               for _ in range(2)]
+    threads(1)
+    single = _token_windows(dtype, windows, vocab)
+    for count in (2, 3):
+        threads(count)
+        other = _token_windows(dtype, windows, vocab)
+        for name in single:
+            np.testing.assert_array_equal(other[name], single[name], err_msg=f"{name}, {count} threads")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("count", [1, 2])
 def test_threaded_results_match_reference(threads, dtype, count):
