@@ -14,7 +14,7 @@ transposed weights, the head's logits) run in this module's own loops, never in 
 element is one chain of multiply-adds in a fixed order, so a sample's result is bitwise independent
 of the batch size and of its position in the batch. Large weights are packed once per call into column
 panels and multiplied by register tiles (see ``_packed_add``). Only the weight gradients, sums over
-all samples, go through BLAS (``np.dot`` with ``out=``, which Numba maps to numpy's OpenBLAS) when the
+all samples, go through BLAS (``np.dot`` with ``out=``, which Numba maps to scipy's OpenBLAS) when the
 weight block is large; their last bits can change with the number of BLAS threads.
 """
 
@@ -37,16 +37,25 @@ FASTMATH = {"contract"}
 # third of it from 1024 to 4096.
 BLAS_MIN_WEIGHTS = 1024
 
-# A product with at least _TILE_ROWS rows and a weight block of at least TILE_MIN_WEIGHTS elements
-# packs the weights and runs in register tiles of _TILE_ROWS x _TILE_COLUMNS outputs. A smaller one
-# runs row by row on the unpacked weights. Both compute each element by the same chain, so the choice
-# changes no bit. Tiles of 6 x 16 took the most GFLOP/s of the shapes tried (4 x 16, 6 x 16, 8 x 16,
-# 3 x 32, 4 x 32, 6 x 32) for the recurrent products of 200 to 650 units on a Skylake-X core: 82 to
-# 93 GFLOP/s in float32 and 46 to 50 in float64, as fast as OpenBLAS at B = 20.
+# A weight block of at least TILE_MIN_WEIGHTS elements is packed and multiplied in register tiles of
+# _TILE_ROWS x _TILE_COLUMNS outputs, a smaller one row by row on the unpacked weights. Both compute
+# each element by the same chain, so the choice changes no bit. Tiles of 6 x 16 took the most GFLOP/s
+# of the shapes tried (4 x 16, 6 x 16, 8 x 16, 3 x 32, 4 x 32, 6 x 32) for the recurrent products of
+# 200 to 650 units on a Skylake-X core: 82 to 93 GFLOP/s in float32 and 46 to 50 in float64, as fast
+# as OpenBLAS at B = 20.
+#
+# Rows decide too, because packing costs about as much as multiplying one or two rows, and fewer than
+# 6 rows fill a tile padded with zero rows (H = 256 and 512, float32):
+# - products through the transposed weights use tiles at any row count: their row path is a dot
+#   product, which LLVM cannot vectorize without reordering the sum, and took 8 to 37 times longer;
+# - the time loops, which pack once for all T steps, use tiles from _LOOP_TILE_MIN_ROWS rows: at 2 to 5
+#   rows a padded tile took 15 to 75 % less time than the row loops, at 1 row about twice as long;
+# - a single product, which packs for itself, uses tiles from _TILE_ROWS rows.
 TILE_MIN_WEIGHTS = 1024
 _TILE_ROWS = 6
 _TILE_COLUMNS = 16
 _TILE_SIZE = _TILE_ROWS * _TILE_COLUMNS
+_LOOP_TILE_MIN_ROWS = 2
 # _packed_add runs all panels over chunks of this many rows, whose piece of x ([192, K], 384 KiB for
 # K = 512 in float32) stays in the L2 cache while the weights stream past.
 _CHUNK_ROWS = 32 * _TILE_ROWS
@@ -67,8 +76,13 @@ def _use_blas(rows, cols):
 
 
 @njit(**_JIT_OPTIONS)
+def _large_weights(inner, cols):
+    return inner * cols >= TILE_MIN_WEIGHTS
+
+
+@njit(**_JIT_OPTIONS)
 def _use_tiles(rows, inner, cols):
-    return rows >= _TILE_ROWS and inner * cols >= TILE_MIN_WEIGHTS
+    return rows >= _TILE_ROWS and _large_weights(inner, cols)
 
 
 # Rows of the per-column coefficients of the gate activations, see _gate_coefficients.
@@ -392,9 +406,11 @@ def _matmul_transposed(dz, w, out):
     """
     rows, cols = dz.shape
     inner = w.shape[0]
-    if _use_tiles(rows, cols, inner):
+    if _large_weights(cols, inner):
+        packed = np.empty(_packed_shape(cols, inner), dtype=out.dtype)
+        _pack(w.T, packed)
         out[:] = 0.0
-        _product_add(dz, w.T, out)
+        _packed_add(dz, packed, out)
     else:
         # The same chain as the tile path, 0 + dz[r, 0] * w[k, 0] + dz[r, 1] * w[k, 1] + ..., as a
         # sum over the contiguous rows of w.
@@ -597,7 +613,7 @@ def forward(params, x, state, gates, cs, hs, forget_bias, keep_tape, ids=None):
     if ids is not None:
         _check_ids(ids, input_size)
     coefficients = _gate_coefficients(hidden, forget_bias, params)
-    recurrent_tiles = _use_tiles(batch, hidden, num_gates)
+    recurrent_tiles = batch >= _LOOP_TILE_MIN_ROWS and _large_weights(hidden, num_gates)
     recurrent_packed = np.empty(_packed_shape(hidden, num_gates) if recurrent_tiles else (0, 0, 0),
                                 dtype=params.dtype)
 
@@ -662,7 +678,7 @@ def backward(params, x, gates, cs, hs, d_y, d_final_state, grad, d_state, d_x, d
         _check_ids(ids, input_size)
     dz_rows = dz.reshape((steps * batch, num_gates))
     tanh_c = np.empty((batch, hidden), dtype=params.dtype)
-    recurrent_tiles = _use_tiles(batch, num_gates, hidden)
+    recurrent_tiles = _large_weights(num_gates, hidden)
     recurrent_packed = np.empty(_packed_shape(num_gates, hidden) if recurrent_tiles else (0, 0, 0),
                                 dtype=params.dtype)
 
