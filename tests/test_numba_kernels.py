@@ -12,7 +12,11 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import helpers
+import reference
 from conftest import ATOL, RTOL
 from reference import backward as reference_backward
 from reference import forward as reference_forward
@@ -134,6 +138,64 @@ def test_products_match_numpy_and_ignore_row_position(dtype, rows, inner, cols):
         alone_back = np.empty((1, inner), dtype=dtype)
         kernels._matmul_transposed(dz[r:r + 1], w, alone_back)
         np.testing.assert_array_equal(alone_back[0], back[r], err_msg=f"dz @ w.T, row {r}")
+
+
+@st.composite
+def tile_cases(draw):
+    """Models around the tiles: weights below and above TILE_MIN_WEIGHTS elements, batches across
+    the tile of 6 rows and its padding, column counts off the panel of 16."""
+    return {"input": draw(st.integers(1, 70)), "hidden": draw(st.integers(8, 70)),
+            "layers": draw(st.integers(1, 2)), "batch": draw(st.integers(1, 26)),
+            "steps": draw(st.integers(1, 3)), "position": draw(st.integers(0, 25)),
+            "dtype": draw(st.sampled_from(DTYPES)), "seed": draw(st.integers(0, 2**16))}
+
+
+def _check_tile_case(case):
+    # The public API on the Numba backend against the float64 reference, and one sample alone
+    # against the same sample at a drawn position in the batch, bit for bit.
+    dtype = case["dtype"]
+    model = helpers.make_model("numba", case["input"], case["hidden"], case["layers"], dtype,
+                               seed=case["seed"])
+    x, state = helpers.random_inputs(model, case["batch"], case["steps"], seed=case["seed"])
+    expected_y, expected_state, tape_ref = helpers.reference_forward(model, x, state)
+    d_y = np.random.default_rng(case["seed"]).normal(size=expected_y.shape).astype(dtype)
+    d_params, d_state, d_x = reference.backward(model.params.astype(np.float64), tape_ref,
+                                                d_y.transpose(1, 0, 2).astype(np.float64))
+
+    final = state.copy()
+    y, tape = model.forward(x, final, keep_tape=True)
+    grads = model.backward(tape, d_y)
+    helpers.assert_close(y, expected_y, dtype, "outputs")
+    helpers.assert_close(final, expected_state, dtype, "final state")
+    helpers.assert_close(grads.params, d_params, dtype, "params gradient")
+    helpers.assert_close(grads.initial_state, d_state, dtype, "state gradient")
+    helpers.assert_close(grads.inputs, d_x.transpose(1, 0, 2), dtype, "input gradient")
+
+    row = case["position"] % case["batch"]
+    alone_final = state[:, :, row:row + 1].copy()
+    alone_y, alone_tape = model.forward(x[row:row + 1].copy(), alone_final, keep_tape=True)
+    alone = model.backward(alone_tape, d_y[row:row + 1].copy())
+    np.testing.assert_array_equal(alone_y[0], y[row], err_msg="outputs")
+    np.testing.assert_array_equal(alone_final[:, :, 0], final[:, :, row], err_msg="final state")
+    np.testing.assert_array_equal(alone.initial_state[:, :, 0], grads.initial_state[:, :, row],
+                                  err_msg="state gradient")
+    np.testing.assert_array_equal(alone.inputs[0], grads.inputs[row], err_msg="input gradient")
+
+
+TILE_SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+
+
+@settings(max_examples=30, **TILE_SETTINGS)
+@given(case=tile_cases())
+def test_fuzz_tiles(case):
+    _check_tile_case(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=2000, **TILE_SETTINGS)
+@given(case=tile_cases())
+def test_fuzz_tiles_long(case):
+    _check_tile_case(case)
 
 
 # Forward.
