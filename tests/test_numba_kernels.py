@@ -107,8 +107,8 @@ def reference_run(params, x, state, forget_bias):
 # Matrix products.
 
 # (M, K, N): below and above 6 rows, row counts off the tile of 6 (7, 13) and past a chunk of 192 rows
-# (197, 390), column counts off the panel of 16 (260, 100, 37), and K * N below TILE_MIN_WEIGHTS (13,
-# 40, 16), where every row runs in the row loops.
+# (197, 390), and column counts off the panel of 16 (260, 100, 37). In (13, 40, 16) K * N is below
+# TILE_MIN_WEIGHTS, so every row runs in the row loops.
 PRODUCT_SHAPES = [(1, 40, 260), (5, 40, 260), (6, 40, 260), (7, 33, 260), (13, 40, 16), (197, 48, 100),
                   (390, 33, 37)]
 
@@ -129,8 +129,8 @@ def test_products_match_numpy_and_ignore_row_position(dtype, rows, inner, cols):
     kernels._matmul_transposed(dz, w, back)
     assert_close(back, dz.astype(np.float64) @ w.astype(np.float64).T, dtype, "dz @ w.T")
 
-    # Each row alone takes the row loops (or, through the transposed weights, a padded tile); it must
-    # get the bits that its tile in the batch gave.
+    # Each row alone takes the row loops, or a padded tile through the transposed weights. It must get
+    # the bits that its tile in the batch gave.
     for r in range(rows):
         alone = np.empty((1, cols), dtype=dtype)
         kernels._matmul_bias(x[r:r + 1], w, bias, alone)
