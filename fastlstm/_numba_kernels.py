@@ -40,9 +40,9 @@ BLAS_MIN_WEIGHTS = 1024
 # A weight block of at least TILE_MIN_WEIGHTS elements is packed and multiplied in register tiles of
 # _TILE_ROWS x _TILE_COLUMNS outputs, a smaller one row by row on the unpacked weights. Both compute
 # each element by the same chain, so the choice changes no bit. Tiles of 6 x 16 took the most GFLOP/s
-# of the shapes tried (4 x 16, 6 x 16, 8 x 16, 3 x 32, 4 x 32, 6 x 32) for the recurrent products of
-# 200 to 650 units on a Skylake-X core: 82 to 93 GFLOP/s in float32 and 46 to 50 in float64, as fast
-# as OpenBLAS at B = 20.
+# of the shapes tried (4 x 16, 6 x 16, 8 x 16, 3 x 32, 4 x 32, 6 x 32) on products of 24 and 72 rows
+# with K from 200 to 656 on a Skylake-X core: 82 to 94 GFLOP/s in float32 and 46 to 50 in float64.
+# bench/numba_tiles.py compares them with OpenBLAS.
 #
 # Rows decide too, because packing costs about as much as multiplying one or two rows, and fewer than
 # 6 rows fill a tile padded with zero rows (H = 256 and 512, float32):
