@@ -10,7 +10,7 @@ compiles once per dtype (float32, float64) and argument layout, and ``cache=True
 code in ``__pycache__``.
 
 Products whose output rows are samples (inputs and states times the weights, gradients times the
-transposed weights, the head's logits) run in this module's own loops, never in BLAS: every output
+transposed weights, the head's logits) run in this module's own loops, never in BLAS. Every output
 element is one chain of multiply-adds in a fixed order, so a sample's result is bitwise independent
 of the batch size and of its position in the batch. Large weights are packed once per call into column
 panels and multiplied by register tiles (see ``_packed_add``). Only the weight gradients, sums over
@@ -41,7 +41,8 @@ BLAS_MIN_WEIGHTS = 1024
 # _TILE_ROWS x _TILE_COLUMNS outputs, a smaller one row by row on the unpacked weights. Both compute
 # each element by the same chain, so the choice changes no bit. Tiles of 6 x 16 took the most GFLOP/s
 # of the shapes tried (4 x 16, 6 x 16, 8 x 16, 3 x 32, 4 x 32, 6 x 32) on products of 24 and 72 rows
-# with K from 200 to 656 on a Skylake-X core: 82 to 94 GFLOP/s in float32 and 46 to 50 in float64.
+# with K from 200 to 656 on a Skylake-X core. They reached 82 to 94 GFLOP/s in float32 and 46 to 50
+# in float64.
 # bench/numba_tiles.py compares them with OpenBLAS.
 #
 # Rows decide too, because packing costs about as much as multiplying one or two rows, and fewer than

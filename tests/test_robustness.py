@@ -543,9 +543,10 @@ def _row_kernel_available():
     return fastlstm.backends()["c"]["row_kernel"]
 
 
-# Shapes of the paths of the products: (3, 5) has weights below 4096 elements (the C backend's direct
-# loops), (33, 65) above (the C row kernel on AVX-512 CPUs, BLAS otherwise; in Numba the packed tiles
-# for 6 rows or more and row loops below). 33 and 65 put rows and columns off every block boundary.
+# Shapes of the paths of the products. (3, 5) has weights below 4096 elements, which the C backend
+# multiplies in direct loops. (33, 65) is above: the C row kernel on AVX-512 CPUs (BLAS otherwise),
+# and Numba's packed tiles next to its row loops. 33 and 65 put rows and columns off every block
+# boundary.
 ROW_POSITION_SHAPES = [(3, 5), (33, 65)]
 
 
