@@ -45,19 +45,22 @@ typedef void (*fl_dgemm_fn)(char *transa, char *transb, int *m, int *n, int *k, 
                             double *a, int *lda, double *b, int *ldb, double *beta, double *c,
                             int *ldc);
 
-/* Installs the BLAS used for large weight matrices; NULL pointers mean direct loops everywhere. */
+/* Installs the BLAS that multiplies a large weight matrix when no memory is left for its packed copy
+ * (every other large product runs in a packed kernel, below); NULL pointers mean direct loops then. */
 void fl_set_blas(fl_sgemm_fn sgemm, fl_dgemm_fn dgemm);
 
-/* A weight matrix with at least this many elements is multiplied by the row kernel (below) or by
- * BLAS, a smaller one by direct loops. The choice depends only on weight sizes, never on B or T, so that one sample's
+/* A weight matrix with at least this many elements is packed and multiplied by the row kernel or the
+ * portable kernel (below), a smaller one by direct loops. The choice depends only on weight sizes,
+ * never on B or T, and every path sums each output element in the same order, so that one sample's
  * result does not depend on the batch it is in. */
 #define FL_BLAS_MIN_WEIGHTS 4096
 
 /* On CPUs with AVX-512F, every product with a weight matrix of at least FL_BLAS_MIN_WEIGHTS elements
- * runs in fastlstm's own row kernel instead of BLAS, the weight gradients included. Its result for a
- * row does not depend on the other rows or on the thread count. fl_row_kernel_available returns
- * whether this CPU has it. fl_set_row_kernel(0) turns it off and fl_set_row_kernel(1) back on where
- * available; both return the setting now in force. */
+ * runs in fastlstm's own row kernel, the weight gradients included. Elsewhere it runs in the slower
+ * portable kernel, which multiplies and adds where the row kernel fuses the two. In both, the result
+ * for a row does not depend on the other rows or on the thread count. fl_row_kernel_available returns
+ * whether this CPU has the row kernel. fl_set_row_kernel(0) turns it off (the portable kernel takes
+ * over) and fl_set_row_kernel(1) back on where available; both return the setting now in force. */
 int fl_row_kernel_available(void);
 int fl_set_row_kernel(int enable);
 

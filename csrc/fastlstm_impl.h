@@ -306,39 +306,143 @@ static void FN(gemm_rows_parallel)(int64_t m, int64_t n, int64_t k, const REAL *
 #undef LANES
 #endif /* FL_ROW_KERNEL */
 
-/* True when products with this weight operand go to the row kernel. */
-static inline int FN(uses_row_kernel)(int64_t weight_elems)
+/* The portable kernel: the row kernel's product over the same packed W for CPUs without AVX-512F
+ * (or with the row kernel switched off), in the baseline instruction set's 16-byte vectors. A tile
+ * is up to 4 rows by two vectors of columns, taken from one packed column block. Each output element
+ * is one chain, started from C (or 0) and taken over p = 0, 1, ..., K - 1 in order, of a multiply
+ * and an add (no contraction, as in FN(gemm_loops)), whatever tile or thread computes it. So a
+ * sample's row does not depend on the rows around it here either. It is slower than OpenBLAS. */
+#define FL_PORTABLE_ROWS 4
+
+static inline __attribute__((always_inline)) void FN(portable_tile)(
+    const int rows, int64_t k, const REAL *restrict a, int64_t a_row, int64_t a_step,
+    const REAL *restrict w, int beta_one, REAL *restrict c, int64_t ldc, int64_t cols)
 {
-    return FL_ROW_KERNEL && weight_elems >= FL_BLAS_MIN_WEIGHTS && fl_row_kernel_on();
+    const int64_t lanes = (int64_t)(FL_VECTOR_BYTES / sizeof(REAL));
+    FN(vector) sum_0[FL_PORTABLE_ROWS], sum_1[FL_PORTABLE_ROWS];
+    REAL edge[2 * FL_VECTOR_BYTES / sizeof(REAL)];             /* a row of C past column N */
+    for (int r = 0; r < rows; r++) {
+        memset(edge, 0, sizeof edge);
+        if (beta_one) {
+            memcpy(edge, c + r * ldc, (size_t)cols * sizeof(REAL));
+        }
+        memcpy(&sum_0[r], edge, sizeof sum_0[r]);
+        memcpy(&sum_1[r], edge + lanes, sizeof sum_1[r]);
+    }
+
+    for (int64_t p = 0; p < k; p++) {
+        FN(vector) w_0, w_1;
+        memcpy(&w_0, w + p * FL_BLOCK_COLS, sizeof w_0);
+        memcpy(&w_1, w + p * FL_BLOCK_COLS + lanes, sizeof w_1);
+        for (int r = 0; r < rows; r++) {
+            const REAL a_rp = a[r * a_row + p * a_step];
+            sum_0[r] += a_rp * w_0;
+            sum_1[r] += a_rp * w_1;
+        }
+    }
+
+    for (int r = 0; r < rows; r++) {
+        memcpy(edge, &sum_0[r], sizeof sum_0[r]);
+        memcpy(edge + lanes, &sum_1[r], sizeof sum_1[r]);
+        memcpy(c + r * ldc, edge, (size_t)cols * sizeof(REAL));
+    }
 }
 
-/* C[M, N] = op(A)[M, K] @ W + beta * C through the row kernel, W packed by FN(pack); with trans_a
- * set, A is stored [K, M]. */
+/* What FN(portable_blocks) computes: C = op(A) @ W + beta * C with W packed by FN(pack), where
+ * A[row, p] is a[row * a_row + p * a_step]. */
+typedef struct {
+    int64_t m, n, k, a_row, a_step, ldc;
+    const REAL *a, *packed;
+    REAL *c;
+    int beta_one;
+} FN(portable_job);
+
+/* Column blocks [block_begin, block_end) of the portable product: the share of one thread. A slice
+ * of two vectors of a block (K rows of 32 bytes) stays in L1 while the row tiles pass. */
+static void FN(portable_blocks)(void *context, int64_t block_begin, int64_t block_end)
+{
+    const FN(portable_job) *job = (const FN(portable_job) *)context;
+    const int64_t width = 2 * (int64_t)(FL_VECTOR_BYTES / sizeof(REAL));
+    for (int64_t block = block_begin; block < block_end; block++) {
+        const REAL *w_block = job->packed + block * job->k * FL_BLOCK_COLS;
+        for (int64_t sub = 0; sub < FL_BLOCK_COLS; sub += width) {
+            const int64_t col = block * FL_BLOCK_COLS + sub;
+            if (col >= job->n) {
+                break;
+            }
+            const int64_t cols = job->n - col < width ? job->n - col : width;
+            for (int64_t row = 0; row < job->m; row += FL_PORTABLE_ROWS) {
+                const int64_t left = job->m - row;
+                const REAL *a_tile = job->a + row * job->a_row;
+                REAL *c_tile = job->c + row * job->ldc + col;
+                /* One unrolled copy per tile height. */
+#define FL_PORTABLE_TILE(ROWS)                                                                         case ROWS:                                                                                             FN(portable_tile)(ROWS, job->k, a_tile, job->a_row, job->a_step, w_block + sub,                                      job->beta_one, c_tile, job->ldc, cols);                                          break;
+                switch (left < FL_PORTABLE_ROWS ? left : FL_PORTABLE_ROWS) {
+                    FL_PORTABLE_TILE(4) FL_PORTABLE_TILE(3) FL_PORTABLE_TILE(2) FL_PORTABLE_TILE(1)
+                }
+#undef FL_PORTABLE_TILE
+            }
+        }
+    }
+}
+
+/* True when products with this weight operand go to a packed kernel: the row kernel where it runs,
+ * else the portable one. */
+static inline int FN(uses_packed_kernel)(int64_t weight_elems)
+{
+    return weight_elems >= FL_BLAS_MIN_WEIGHTS;
+}
+
+/* C[M, N] = op(A)[M, K] @ W + beta * C, W packed by FN(pack), through the row kernel where it runs
+ * and the portable kernel elsewhere; with trans_a set, A is stored [K, M]. */
 static void FN(gemm_packed)(int trans_a, int64_t m, int64_t n, int64_t k, const REAL *a,
                             int64_t lda, const REAL *packed, int beta_one, REAL *c, int64_t ldc)
 {
 #if FL_ROW_KERNEL
-    FN(gemm_rows_parallel)(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, packed, 1,
-                           FL_BLOCK_COLS, k * FL_BLOCK_COLS, beta_one, c, ldc);
-#else
-    (void)trans_a, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)packed, (void)beta_one;
-    (void)c, (void)ldc;
+    if (fl_row_kernel_on()) {
+        FN(gemm_rows_parallel)(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, packed, 1,
+                               FL_BLOCK_COLS, k * FL_BLOCK_COLS, beta_one, c, ldc);
+        return;
+    }
 #endif
+    const FN(portable_job) job = {m, n, k, trans_a ? 1 : lda, trans_a ? lda : 1, ldc, a, packed, c,
+                                  beta_one};
+    const int64_t blocks = (n + FL_BLOCK_COLS - 1) / FL_BLOCK_COLS;
+    const int64_t block_work = m * k * FL_BLOCK_COLS;
+    fl_parallel_for(blocks, (FL_MIN_THREAD_WORK + block_work - 1) / block_work, FN(portable_blocks),
+                    (void *)&job);
 }
 
 /* Row-major C[M, N] = op(A)[M, K] @ op(B)[K, N] + beta * C, with beta 0 or 1. op transposes when
  * its flag is set: then A is stored [K, M] and B is stored [N, K]. weight_elems is the size of the
- * weight operand and alone decides between BLAS and direct loops (see FL_BLAS_MIN_WEIGHTS). */
+ * weight operand and alone decides between the packed kernels and direct loops (see
+ * FL_BLAS_MIN_WEIGHTS). */
 static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
                      const REAL *restrict a, int64_t lda, const REAL *restrict b, int64_t ldb,
                      int beta_one, REAL *restrict c, int64_t ldc, int64_t weight_elems)
 {
+    if (FN(uses_packed_kernel)(weight_elems)) {
 #if FL_ROW_KERNEL
-    if (FN(uses_row_kernel)(weight_elems)) {
-        if (!trans_b && m <= FL_TILE_ROWS) {
+        if (fl_row_kernel_on() && !trans_b && m <= FL_TILE_ROWS) {
             /* One tile of rows reads W once: packing would only add a second pass. */
             FN(gemm_rows_parallel)(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, 0, ldb,
                                    FL_BLOCK_COLS, beta_one, c, ldc);
+            return;
+        }
+#endif
+        if (!trans_b && m == 1) {
+            /* One row, as in a streaming step: c += a[p] * W[p, :] for p = 0, 1, ..., the portable
+             * kernel's chain for every element, reading W in place, row after row. */
+            if (!beta_one) {
+                memset(c, 0, (size_t)n * sizeof(REAL));
+            }
+            for (int64_t p = 0; p < k; p++) {
+                const REAL a_p = a[trans_a ? p * lda : p];
+                const REAL *restrict w_row = b + p * ldb;
+                for (int64_t col = 0; col < n; col++) {
+                    c[col] += a_p * w_row[col];
+                }
+            }
             return;
         }
         /* Callers that multiply by the same W many times pack it once themselves. Without memory
@@ -350,7 +454,6 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
             return;
         }
     }
-#endif
     int fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && lda < INT_MAX && ldb < INT_MAX
                    && ldc < INT_MAX;
     if (FN(blas_gemm) != NULL && weight_elems >= FL_BLAS_MIN_WEIGHTS && fits_int) {
@@ -668,7 +771,7 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
      * They live in this thread's scratch, so a steady-state call allocates nothing. */
     const int64_t widest = dims->input > hidden ? dims->input : hidden;
     REAL *packed_x = NULL, *packed_h = NULL;                   /* [I_l, G] and [H, G], packed */
-    if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
+    if (FN(uses_packed_kernel)(hidden * g) || FN(uses_packed_kernel)(dims->input * g)) {
         packed_x = FN(scratch)(FL_SCRATCH_CALL, FN(packed_size)(widest, g) + FN(packed_size)(hidden, g));
         if (packed_x == NULL) {
             return FL_ENOMEM;
@@ -694,7 +797,7 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
             FN(gather_rows)(rows, g, ids, w_x, bias, z);
         } else {
             FN(fill_rows)(rows, g, bias, z);
-            if (FN(uses_row_kernel)(in * g)) {
+            if (FN(uses_packed_kernel)(in * g)) {
                 FN(pack)(in, g, w_x, g, 0, packed_x);
                 FN(gemm_packed)(0, rows, g, in, inputs, in, packed_x, 1, z, g);
             } else {
@@ -706,7 +809,7 @@ int FN(fl_forward)(const fl_dims *dims, const REAL *params, const REAL *x, const
         memcpy(h, state + (2 * l + 1) * bh, (size_t)bh * sizeof(REAL));
 
         /* Time loop: Z_t += h_{t-1} @ W_h, then the cell. */
-        const int packed_w_h = FN(uses_row_kernel)(hidden * g);
+        const int packed_w_h = FN(uses_packed_kernel)(hidden * g);
         if (packed_w_h) {
             FN(pack)(hidden, g, w_h, g, 0, packed_h);
         }
@@ -751,7 +854,7 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
     const int64_t widest = dims->input > hidden ? dims->input : hidden;
     REAL *packed_t = NULL;                                     /* W_h^T [G, H] or W_x^T [G, I_l] */
     REAL *packed_dz = NULL;                                    /* dZ [T * B, G], for dW_x and dW_h */
-    if (FN(uses_row_kernel)(hidden * g) || FN(uses_row_kernel)(dims->input * g)) {
+    if (FN(uses_packed_kernel)(hidden * g) || FN(uses_packed_kernel)(dims->input * g)) {
         packed_t = FN(scratch)(FL_SCRATCH_CALL, FN(packed_size)(g, widest) + FN(packed_size)(rows, g));
         if (packed_t == NULL) {
             return FL_ENOMEM;
@@ -786,7 +889,7 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
         }
 
         /* Reversed time loop: dZ_t from the cell, then dh_{t-1} = dZ_t @ W_h^T. */
-        const int packed_w_h = FN(uses_row_kernel)(hidden * g);
+        const int packed_w_h = FN(uses_packed_kernel)(hidden * g);
         if (packed_w_h) {
             FN(pack)(g, hidden, w_h, g, 1, packed_t);
         }
@@ -808,14 +911,14 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
         if (l == 0 && ids != NULL) {
             /* dW_x[ids] += dZ, the one-hot X^T @ dZ */
             FN(scatter_add_rows)(rows, g, ids, dz, dw_x);
-        } else if (FN(uses_row_kernel)(in * g)) {
+        } else if (FN(uses_packed_kernel)(in * g)) {
             /* dW_x += X^T @ dZ */
             FN(gemm_packed)(1, in, g, rows, inputs, in, packed_dz, 1, dw_x, g);
         } else {
             FN(gemm)(1, 0, in, g, rows, inputs, in, dz, g, 1, dw_x, g, in * g);
         }
         /* dW_h += H_prev^T @ dZ, where H_prev = h[0:T] */
-        if (FN(uses_row_kernel)(hidden * g)) {
+        if (FN(uses_packed_kernel)(hidden * g)) {
             FN(gemm_packed)(1, hidden, g, rows, h, hidden, packed_dz, 1, dw_h, g);
         } else {
             FN(gemm)(1, 0, hidden, g, rows, h, hidden, dz, g, 1, dw_h, g, hidden * g);
@@ -826,7 +929,7 @@ int FN(fl_backward)(const fl_dims *dims, const REAL *params, const REAL *x, cons
          * have no gradient. */
         if (l > 0 || ids == NULL) {
             REAL *d_inputs = l == 0 ? d_x : d_hidden;
-            if (FN(uses_row_kernel)(in * g)) {
+            if (FN(uses_packed_kernel)(in * g)) {
                 FN(pack)(g, in, w_x, g, 1, packed_t);
                 FN(gemm_packed)(0, rows, in, g, dz, g, packed_t, 0, d_inputs, in);
             } else {
@@ -983,9 +1086,9 @@ int FN(fl_softmax_xent)(int64_t rows, int64_t hidden, int64_t classes, const REA
     }
     *loss = loss_sum / (double)rows;
 
-    /* dLogits = (P - onehot(labels)) / N. Large heads get their own buffer so that BLAS can
-     * multiply it; small ones compute it on the fly inside the loops. */
-    if (hidden * classes >= FL_BLAS_MIN_WEIGHTS && FN(blas_gemm) != NULL) {
+    /* dLogits = (P - onehot(labels)) / N. Large heads get their own buffer for the packed
+     * kernels to multiply; small ones compute it on the fly inside the loops. */
+    if (FN(uses_packed_kernel)(hidden * classes)) {
         REAL *d_logits = FN(scratch)(FL_SCRATCH_HEAD, rows * classes);
         if (d_logits == NULL) {
             return FL_ENOMEM;

@@ -93,7 +93,8 @@ def backends():
     Returns a dict mapping each backend name to ``{"available": bool, "reason": str, "row_kernel":
     bool}``. The reason is empty for an available backend and otherwise gives the error that
     stopped the import. ``row_kernel`` is True when the backend multiplies large weight matrices by
-    its own AVX-512 row kernel rather than BLAS (only C, and only on CPUs with AVX-512F).
+    its own AVX-512 row kernel (only C, and only on CPUs with AVX-512F); the C backend uses its slower
+    portable kernel otherwise.
     """
     report = {}
     for name in BACKEND_NAMES:

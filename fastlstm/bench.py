@@ -337,7 +337,7 @@ class FastlstmPeer(Peer):
         notes = []
         if self.backend == "c":
             kernel = ("its AVX-512 row kernel" if fastlstm.backends()["c"]["row_kernel"]
-                      else "scipy's OpenBLAS (this CPU lacks AVX-512F)")
+                      else "its portable kernel (this CPU lacks AVX-512F)")
             notes.append(f"{self.title} multiplied weights of 4096 elements or more by {kernel}, on "
                          f"{fastlstm.get_num_threads()} thread(s) of its own pool")
         if self._fused:

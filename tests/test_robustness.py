@@ -544,19 +544,19 @@ def _row_kernel_available():
 
 
 # Shapes of the paths of the products. (3, 5) has weights below 4096 elements, which the C backend
-# multiplies in direct loops. (33, 65) is above: the C row kernel on AVX-512 CPUs (BLAS otherwise),
-# and Numba's packed tiles next to its row loops. 33 and 65 put rows and columns off every block
-# boundary.
+# multiplies in direct loops. (33, 65) is above: the C row kernel on AVX-512 CPUs (the portable
+# kernel otherwise), and Numba's packed tiles next to its row loops. 33 and 65 put rows and columns
+# off every block boundary.
 ROW_POSITION_SHAPES = [(3, 5), (33, 65)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ROW_POSITION_SHAPES, ids=["loops", "large"])
 def test_row_independent_of_batch(backend, dtype, shape):
-    if shape == (33, 65):
-        if backend == "c" and not _row_kernel_available():
-            pytest.skip("no row kernel here (no C extension or no AVX-512F): large products go through "
-                        "BLAS, where this is not promised")
+    _check_row_independent(backend, dtype, shape)
+
+
+def _check_row_independent(backend, dtype, shape):
     model = make_model(backend, shape[0], shape[1], 2, dtype)
     x1, s1 = random_inputs(model, 1, 6, seed=1)
     alone = _run(model, x1, s1)
@@ -603,7 +603,7 @@ def test_row_kernel_results_ignore_blas_threads():
 
 @pytest.fixture
 def row_kernel_off():
-    """The C backend's BLAS path for large products, as on CPUs without AVX-512F."""
+    """The C backend's portable kernel for large products, as on CPUs without AVX-512F."""
     if not fastlstm.backends()["c"]["available"]:
         pytest.skip("the C backend is not available")
     from fastlstm import _cext
@@ -613,9 +613,29 @@ def row_kernel_off():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blas_path_matches_reference(row_kernel_off, dtype):
+def test_portable_kernel_matches_reference(row_kernel_off, dtype):
     model = make_model("c", 33, 65, 2, dtype)
     assert_matches_reference(model, *random_inputs(model, 9, 5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_kernel_row_independent_of_batch(row_kernel_off, dtype):
+    _check_row_independent("c", dtype, (33, 65))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_portable_kernel_ignores_thread_count(row_kernel_off, count):
+    model = make_model("c", 33, 65, 2, np.float32)
+    x, state = random_inputs(model, 9, 5)
+    before = fastlstm.get_num_threads()
+    try:
+        fastlstm.set_num_threads(1)
+        single = _run(model, x, state)
+        fastlstm.set_num_threads(count)
+        many = _run(model, x, state)
+    finally:
+        fastlstm.set_num_threads(before)
+    _assert_runs_equal(single, many, f"1 and {count} threads")
 
 
 # Threads.
