@@ -394,7 +394,7 @@ static inline int FN(uses_packed_kernel)(int64_t weight_elems)
 }
 
 /* C[M, N] = op(A)[M, K] @ W + beta * C, W packed by FN(pack), through the row kernel where it runs
- * and the portable kernel elsewhere; with trans_a set, A is stored [K, M]. */
+ * and the portable kernel elsewhere. With trans_a set, A is stored [K, M]. */
 static void FN(gemm_packed)(int trans_a, int64_t m, int64_t n, int64_t k, const REAL *a,
                             int64_t lda, const REAL *packed, int beta_one, REAL *c, int64_t ldc)
 {

@@ -15,7 +15,7 @@ element is one chain of multiply-adds in a fixed order, so a sample's result is 
 of the batch size and of its position in the batch. Large weights are packed once per call into column
 panels and multiplied by register tiles (see ``_packed_add``). Only the weight gradients, sums over
 all samples, go through BLAS (``np.dot`` with ``out=``, which Numba maps to scipy's OpenBLAS) when the
-weight block is large; their last bits can change with the number of BLAS threads.
+weight block is large. Their last bits can change with the number of BLAS threads.
 """
 
 import llvmlite.ir
@@ -39,10 +39,10 @@ BLAS_MIN_WEIGHTS = 1024
 
 # A weight block of at least TILE_MIN_WEIGHTS elements is packed and multiplied in register tiles of
 # _TILE_ROWS x _TILE_COLUMNS outputs, a smaller one row by row on the unpacked weights. Both compute
-# each element by the same chain, so the choice changes no bit. Tiles of 6 x 16 took the most GFLOP/s
-# of the shapes tried (4 x 16, 6 x 16, 8 x 16, 3 x 32, 4 x 32, 6 x 32) on products of 24 and 72 rows
-# with K from 200 to 656 on a Skylake-X core. They reached 82 to 94 GFLOP/s in float32 and 46 to 50
-# in float64.
+# each element by the same chain, so the choice changes no bit. Of the tile shapes tried (4 x 16,
+# 6 x 16, 8 x 16, 3 x 32, 4 x 32, 6 x 32), 6 x 16 was the fastest. On products of 24 and 72 rows with
+# K from 200 to 656 on a Skylake-X core it reached 82 to 94 GFLOP/s in float32 and 46 to 50 in
+# float64.
 # bench/numba_tiles.py compares them with OpenBLAS.
 #
 # Rows decide too, because packing costs about as much as multiplying one or two rows, and fewer than
