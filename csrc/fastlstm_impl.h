@@ -161,6 +161,47 @@ static inline __attribute__((always_inline)) FL_AVX512 void FN(row_tile)(
     }
 }
 
+/* panel[p * height + r] = A[r, p] for the height rows and depth steps of one tile, where A[r, p] is
+ * a[r * a_row + p * a_step]. Row-major A (a_step 1) is transposed in registers, a block of LANES
+ * rows by LANES steps at a time; A^T (a_row 1) already has each step's rows side by side. Both are
+ * plain copies, so the panel holds the same values as a scalar loop would write. */
+static inline __attribute__((always_inline)) FL_AVX512 void FN(copy_panel)(
+    int64_t height, int64_t depth, const REAL *restrict a, int64_t a_row, int64_t a_step,
+    REAL *restrict panel)
+{
+    int64_t p = 0;
+    if (a_step == 1) {
+        for (; p + LANES <= depth; p += LANES) {
+            for (int64_t r0 = 0; r0 < height; r0 += LANES) {
+                const int64_t rows = height - r0 < LANES ? height - r0 : LANES;
+                const VEC_MASK mask = (VEC_MASK)((1ull << rows) - 1);
+                VEC block[LANES];
+                for (int r = 0; r < LANES; r++) {
+                    block[r] = r < rows ? VEC_LOADU(a + (r0 + r) * a_row + p) : VEC_ZERO();
+                }
+                VEC_TRANSPOSE(block);
+                for (int q = 0; q < LANES; q++) {
+                    VEC_STORE_MASKED(panel + (p + q) * height + r0, mask, block[q]);
+                }
+            }
+        }
+    } else if (a_row == 1) {
+        for (; p < depth; p++) {
+            for (int64_t r0 = 0; r0 < height; r0 += LANES) {
+                const int64_t rows = height - r0 < LANES ? height - r0 : LANES;
+                const VEC_MASK mask = (VEC_MASK)((1ull << rows) - 1);
+                VEC_STORE_MASKED(panel + p * height + r0, mask,
+                                 VEC_LOAD_MASKED(mask, a + p * a_step + r0));
+            }
+        }
+    }
+    for (; p < depth; p++) {
+        for (int64_t r = 0; r < height; r++) {
+            panel[p * height + r] = a[r * a_row + p * a_step];
+        }
+    }
+}
+
 /* C = op(A) @ W + beta * C, where A[row, p] is a[row * a_row + p * a_step] and column block j of W
  * starts at w + j * block_stride: FL_BLOCK_COLS for W in place (rows ldw apart), K * FL_BLOCK_COLS
  * for W packed by FN(pack) (ldw = FL_BLOCK_COLS). */
@@ -196,54 +237,54 @@ static FL_AVX512 void FN(gemv_row)(const FN(row_product) *job, int64_t col_begin
     }
 }
 
-/* Column blocks [block_begin, block_end) of the product: the share of one thread.
+/* Rows [row_begin, row_end) and column blocks [block_begin, block_end) of the product: the share
+ * of one thread.
  *
  * Loops, outside in:
  *   chunks of FL_CHUNK_ROWS rows;
- *   slices of FL_DEPTH steps of the sum, whose piece of A is copied into tile panels once and then
- *   serves every column block;
- *   column blocks, whose slice of W (FL_DEPTH rows of 128 bytes) stays in L1 while the tiles pass;
+ *   slices of the sum, K cut into equal slices of at most FL_DEPTH steps, whose piece of A is
+ *   copied into tile panels once and then serves every column block;
+ *   column blocks, whose slice of W (up to FL_DEPTH rows of 128 bytes) stays in L1 while the
+ *   tiles pass;
  *   tiles.
  * Splitting the sum into slices keeps each element's chain of multiply-adds in order, because a
  * slice starts from the C that the previous one stored. */
-static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t block_end)
+static FL_AVX512 void FN(gemm_rows)(const FN(row_product) *job, int64_t row_begin, int64_t row_end,
+                                    int64_t block_begin, int64_t block_end)
 {
-    const FN(row_product) *job = (const FN(row_product) *)context;
-    const int64_t m = job->m, n = job->n, k = job->k, a_row = job->a_row, a_step = job->a_step;
+    const int64_t n = job->n, k = job->k, a_row = job->a_row, a_step = job->a_step;
     const int64_t ldw = job->ldw, block_stride = job->block_stride, ldc = job->ldc;
     const REAL *a = job->a, *w = job->w;
     REAL *c = job->c;
     const int w_packed = job->w_packed;
     const int64_t col_end = block_end * FL_BLOCK_COLS < n ? block_end * FL_BLOCK_COLS : n;
-    if (m == 1 && !w_packed) {
+    if (row_end - row_begin == 1 && !w_packed) {
         FN(gemv_row)(job, block_begin * FL_BLOCK_COLS, col_end);
         return;
     }
 
     /* Tile panels of A for one chunk and slice; without memory, A is read in place. */
-    const int64_t chunk_rows = m < FL_CHUNK_ROWS ? m : FL_CHUNK_ROWS;
-    const int64_t slice_depth = k < FL_DEPTH ? k : FL_DEPTH;
+    const int64_t rows = row_end - row_begin;
+    const int64_t chunk_rows = rows < FL_CHUNK_ROWS ? rows : FL_CHUNK_ROWS;
+    const int64_t slices = (k + FL_DEPTH - 1) / FL_DEPTH;
+    const int64_t slice_depth = (k + slices - 1) / slices;
     REAL *panels = NULL;
     if (w_packed) {
         panels = FN(scratch)(FL_SCRATCH_PANELS, chunk_rows * slice_depth);
     }
 
-    for (int64_t first = 0; first < m; first += FL_CHUNK_ROWS) {
-        const int64_t end = first + FL_CHUNK_ROWS < m ? first + FL_CHUNK_ROWS : m;
+    for (int64_t first = row_begin; first < row_end; first += FL_CHUNK_ROWS) {
+        const int64_t end = first + FL_CHUNK_ROWS < row_end ? first + FL_CHUNK_ROWS : row_end;
         const int64_t tiles = (end - first + FL_TILE_ROWS - 1) / FL_TILE_ROWS;
-        for (int64_t p0 = 0; p0 < k; p0 += FL_DEPTH) {
-            const int64_t depth = k - p0 < FL_DEPTH ? k - p0 : FL_DEPTH;
+        for (int64_t p0 = 0; p0 < k; p0 += slice_depth) {
+            const int64_t depth = k - p0 < slice_depth ? k - p0 : slice_depth;
             const int start_from_c = job->beta_one || p0 > 0;
             if (panels != NULL) {
                 /* panel of the tile at row: panels[(row - first) * depth + p * height + r] */
                 for (int64_t tile = 0, row = first; tile < tiles; tile++) {
                     const int64_t height = (end - row) / (tiles - tile);
-                    REAL *panel = panels + (row - first) * depth;
-                    for (int64_t p = 0; p < depth; p++) {
-                        for (int64_t r = 0; r < height; r++) {
-                            panel[p * height + r] = a[(row + r) * a_row + (p0 + p) * a_step];
-                        }
-                    }
+                    FN(copy_panel)(height, depth, a + row * a_row + p0 * a_step, a_row, a_step,
+                                   panels + (row - first) * depth);
                     row += height;
                 }
             }
@@ -289,8 +330,23 @@ static FL_AVX512 void FN(gemm_rows)(void *context, int64_t block_begin, int64_t 
     }
 }
 
-/* Runs the product on the pool's threads, a share of column blocks each, when there is enough work
- * to pay for waking them. */
+/* The pool's tasks: a share of the column blocks, or of the rows, each with the whole other side. */
+static FL_AVX512 void FN(gemm_rows_by_blocks)(void *context, int64_t block_begin, int64_t block_end)
+{
+    const FN(row_product) *job = (const FN(row_product) *)context;
+    FN(gemm_rows)(job, 0, job->m, block_begin, block_end);
+}
+
+static FL_AVX512 void FN(gemm_rows_by_rows)(void *context, int64_t row_begin, int64_t row_end)
+{
+    const FN(row_product) *job = (const FN(row_product) *)context;
+    FN(gemm_rows)(job, row_begin, row_end, 0, (job->n + FL_BLOCK_COLS - 1) / FL_BLOCK_COLS);
+}
+
+/* Runs the product on the pool's threads when there is enough work to pay for waking them. Each
+ * thread copies the panels of A for the rows it multiplies. Split by column blocks, every thread
+ * copies all of A; split by rows, each copies only its own rows, but every thread reads all of W.
+ * So a product with a chunk of rows or more per thread is split by rows, the others by columns. */
 static void FN(gemm_rows_parallel)(int64_t m, int64_t n, int64_t k, const REAL *a, int64_t a_row,
                                    int64_t a_step, const REAL *w, int w_packed, int64_t ldw,
                                    int64_t block_stride, int beta_one, REAL *c, int64_t ldc)
@@ -298,9 +354,15 @@ static void FN(gemm_rows_parallel)(int64_t m, int64_t n, int64_t k, const REAL *
     const FN(row_product) job = {m, n, k, a_row, a_step, ldw, block_stride, ldc, a, w, c, beta_one,
                                  w_packed};
     const int64_t blocks = (n + FL_BLOCK_COLS - 1) / FL_BLOCK_COLS;
+    if (w_packed && m >= (int64_t)fl_get_num_threads() * FL_CHUNK_ROWS) {
+        const int64_t row_work = n * k;                        /* multiply-adds per row */
+        fl_parallel_for(m, (FL_MIN_THREAD_WORK + row_work - 1) / row_work, FN(gemm_rows_by_rows),
+                        (void *)&job);
+        return;
+    }
     const int64_t block_work = m * k * FL_BLOCK_COLS;          /* multiply-adds per block */
-    fl_parallel_for(blocks, (FL_MIN_THREAD_WORK + block_work - 1) / block_work, FN(gemm_rows),
-                    (void *)&job);
+    fl_parallel_for(blocks, (FL_MIN_THREAD_WORK + block_work - 1) / block_work,
+                    FN(gemm_rows_by_blocks), (void *)&job);
 }
 
 #undef LANES

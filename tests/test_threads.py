@@ -77,7 +77,8 @@ def _token_windows(dtype, windows, vocab):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_token_windows_do_not_depend_on_thread_count(threads, dtype):
     # T * B = 512 rows of G = 512 columns: enough for the pool to split the embedding gather and
-    # scatter, the bias rows and column sums, the packing of dZ and the optimizer update.
+    # scatter, the bias rows and column sums, the packing of dZ and the optimizer update. The
+    # products over all rows are split by rows on 2 threads and by columns on 3.
     vocab = 50
     rng = np.random.default_rng(2)
     windows = [(rng.integers(0, vocab, size=(16, 32)), rng.integers(0, vocab, size=(16, 32)))
@@ -93,10 +94,12 @@ def test_token_windows_do_not_depend_on_thread_count(threads, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("count", [1, 2])
-def test_threaded_results_match_reference(threads, dtype, count):
+# 128 rows of the input products split by columns; 480 rows, a chunk of rows per thread, by rows.
+@pytest.mark.parametrize("batch, steps", [(BATCH, STEPS), (24, 20)])
+def test_threaded_results_match_reference(threads, dtype, count, batch, steps):
     threads(count)
     model = make_model("c", INPUT, HIDDEN, LAYERS, dtype)
-    assert_matches_reference(model, *random_inputs(model, BATCH, STEPS))
+    assert_matches_reference(model, *random_inputs(model, batch, steps))
 
 
 @pytest.mark.parametrize("bad, error, message", [
