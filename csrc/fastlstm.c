@@ -288,6 +288,20 @@ void fl_tanh_array_f32(int64_t n, const float *x, float *out)
     }
 }
 
+void fl_sigmoid_array_f32(int64_t n, const float *x, float *out)
+{
+    for (int64_t k = 0; k < n; k++) {
+        out[k] = fl_sigmoid_f32(x[k]);
+    }
+}
+
+/* The float64 sigmoid through libm's tanh: no overflow and no exception flag for any finite z,
+ * and exactly 0 or 1 where it saturates. */
+static inline double fl_sigmoid_f64(double z)
+{
+    return 0.5 * tanh(0.5 * z) + 0.5;
+}
+
 void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 {
     for (int64_t k = 0; k < n; k++) {
@@ -298,6 +312,7 @@ void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 #define REAL float
 #define FL_SUFFIX f32
 #define TANH fl_tanh_f32
+#define SIGMOID fl_sigmoid_f32
 #define SOFTMAX_EXP fl_exp_negative_f32
 #define LOG logf
 #define SQRT sqrtf
@@ -317,6 +332,7 @@ void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 #undef REAL
 #undef FL_SUFFIX
 #undef TANH
+#undef SIGMOID
 #undef SOFTMAX_EXP
 #undef LOG
 #undef SQRT
@@ -334,6 +350,7 @@ void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 #define REAL double
 #define FL_SUFFIX f64
 #define TANH tanh
+#define SIGMOID fl_sigmoid_f64
 #define SOFTMAX_EXP exp
 #define LOG log
 #define SQRT sqrt
@@ -353,6 +370,7 @@ void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 #undef REAL
 #undef FL_SUFFIX
 #undef TANH
+#undef SIGMOID
 #undef SOFTMAX_EXP
 #undef LOG
 #undef SQRT

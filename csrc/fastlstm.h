@@ -98,6 +98,9 @@ int fl_optimizer_slots(int kind);
 /* out[k] = tanh(x[k]) with the float32 tanh of the cell kernels (fastlstm_math.h), for tests. */
 void fl_tanh_array_f32(int64_t n, const float *x, float *out);
 
+/* out[k] = sigmoid(x[k]) with the float32 sigmoid of the cell kernels (fastlstm_math.h), for tests. */
+void fl_sigmoid_array_f32(int64_t n, const float *x, float *out);
+
 /* out[k] = exp(x[k]) for x[k] <= 0 with the float32 exp of the softmax (fastlstm_math.h), for tests. */
 void fl_exp_negative_array_f32(int64_t n, const float *x, float *out);
 

@@ -1,7 +1,7 @@
 /*
  * Type-generic body of the fastlstm kernels. fastlstm.c includes it twice: once with REAL = float
- * and FL_SUFFIX = f32, once with REAL = double and FL_SUFFIX = f64. TANH, SOFTMAX_EXP, LOG and
- * SQRT name the functions of that type (libm's, or for float32 the vectorizable ones of
+ * and FL_SUFFIX = f32, once with REAL = double and FL_SUFFIX = f64. TANH, SIGMOID, SOFTMAX_EXP,
+ * LOG and SQRT name the functions of that type (libm's, or for float32 the vectorizable ones of
  * fastlstm_math.h), and blas_gemm_<suffix> the Fortran gemm installed by fl_set_blas.
  *
  * Shapes use the letters of fastlstm.h. Gate column blocks are i, j, f, o at offsets 0, H, 2H, 3H.
@@ -571,11 +571,11 @@ static void FN(gemm)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
  * Pointwise cell, forward and backward.
  */
 
-/* sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: no overflow and no exception flag for any finite z, and
- * exactly 0 or 1 where it saturates. */
+/* The sigmoid of the cell's gates i, f and o: fl_sigmoid_f32 in float32, 0.5 * tanh(z / 2) + 0.5
+ * in float64 (see fastlstm.c). Both are exactly 0 or 1 where they saturate. */
 static inline __attribute__((always_inline)) REAL FN(sigmoid)(REAL z)
 {
-    return (REAL)0.5 * TANH((REAL)0.5 * z) + (REAL)0.5;
+    return SIGMOID(z);
 }
 
 /* Forward of one step for B rows.

@@ -53,6 +53,7 @@ cdef extern from "fastlstm.h" nogil:
     int fl_optimizer_slots(int kind)
     int64_t fl_num_params(const fl_dims *dims)
     void fl_tanh_array_f32(int64_t n, const float *x, float *out)
+    void fl_sigmoid_array_f32(int64_t n, const float *x, float *out)
     void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 
     int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, const int64_t *ids,
@@ -307,6 +308,11 @@ cdef cnp.ndarray _apply_f32(object x, _ArrayFunctionF32 function):
 def tanh_f32(x):
     """Return tanh of a float32 array with the kernels' own tanh (for accuracy tests)."""
     return _apply_f32(x, fl_tanh_array_f32)
+
+
+def sigmoid_f32(x):
+    """Return the sigmoid of a float32 array with the kernels' own sigmoid (for accuracy tests)."""
+    return _apply_f32(x, fl_sigmoid_array_f32)
 
 
 def exp_negative_f32(x):

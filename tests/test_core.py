@@ -354,6 +354,36 @@ def test_c_float32_tanh_accuracy():
     np.testing.assert_array_equal(np.sign(got), np.sign(expected))
 
 
+def test_c_float32_sigmoid_accuracy():
+    """The C core's float32 sigmoid of the gates stays within 2 ulp of the exactly rounded value
+    from -18.02 up, and is exactly 0 below, as the tanh form 0.5 * tanh(x / 2) + 0.5 is."""
+    cext = pytest.importorskip("fastlstm._cext", reason="the C extension is not built")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.uniform(-18.02, 18.02, size=1_000_000),
+        rng.uniform(-1.0, 1.0, size=200_000),
+        np.float32(10.0) ** rng.uniform(-40, 38, size=200_000),    # subnormals to huge
+    ]).astype(np.float32)
+    x = np.concatenate([x, -x])
+    got = cext.sigmoid_f32(x)
+    closed = x < np.float32(-18.02)
+    np.testing.assert_array_equal(got[closed], 0.0)
+    x, got = x[~closed], got[~closed]
+    with np.errstate(over="ignore"):
+        expected = (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+    ulps = np.abs(got.astype(np.float64) - expected) / np.spacing(expected)
+    assert ulps.max() <= 2.0
+
+
+def test_c_float32_sigmoid_special_values():
+    cext = pytest.importorskip("fastlstm._cext", reason="the C extension is not built")
+    x = np.array([0.0, -0.0, 16.7, 87.5, 1e30, np.inf, -18.03, -1e30, -np.inf, np.nan],
+                 dtype=np.float32)
+    got = cext.sigmoid_f32(x)
+    np.testing.assert_array_equal(got[:9], [0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    assert np.isnan(got[9])
+
+
 def test_c_float32_softmax_exp_accuracy():
     """The softmax's vectorizable float32 exp stays within 2 ulp of the exactly rounded value down
     to -87, and returns exactly 0 below, where the exact value needs the subnormal range."""
