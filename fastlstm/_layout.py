@@ -9,6 +9,8 @@ l > 0. Gradients use the same layout.
 Gate column blocks follow TensorFlow's BasicLSTMCell: i (input), j (candidate), f (forget), o (output).
 """
 
+import numpy as np
+
 GATE_I = 0
 GATE_J = 1
 GATE_F = 2
@@ -37,3 +39,27 @@ def layer_offsets(input_size, hidden_size, num_layers):
 def num_params(input_size, hidden_size, num_layers):
     """Return the length of the flat parameter vector."""
     return layer_offsets(input_size, hidden_size, num_layers)[-1][2]
+
+
+CACHE_LINE = 64
+
+
+def aligned_empty(shape, dtype):
+    """Return an uninitialised array of ``shape`` whose data starts on a 64-byte cache line.
+
+    numpy aligns large arrays to 16 or 32 bytes only. The C kernels split rows between threads at
+    column blocks and read them in 64-byte vectors, so an array that starts mid-line makes every
+    vector access straddle two lines and lets two threads write one line at each split.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * dtype.itemsize + CACHE_LINE, dtype=np.uint8)
+    start = -raw.ctypes.data % CACHE_LINE
+    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def aligned_zeros(shape, dtype):
+    """Return a zeroed array of ``shape`` whose data starts on a 64-byte cache line."""
+    array = aligned_empty(shape, dtype)
+    array[...] = 0
+    return array

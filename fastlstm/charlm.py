@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from fastlstm import _checks
+from fastlstm._layout import aligned_empty, aligned_zeros
 from fastlstm.heads import SoftmaxHead
 from fastlstm.model import LSTM, Gradients
 from fastlstm.optim import Optimizer
@@ -198,25 +199,25 @@ class _Window:
         lstm = model.lstm
         dtype, layers, hidden = lstm.dtype, lstm.num_layers, lstm.hidden_size
         self.key = (steps, batch_size)
-        self.grad = np.zeros_like(lstm.params)
-        self.head_grad = np.zeros_like(model.head.params)
-        self.probs = np.empty((steps, batch_size, model.vocab_size), dtype=dtype)
-        self.d_y = np.empty((steps, batch_size, hidden), dtype=dtype)
+        self.grad = aligned_zeros(lstm.params.shape, lstm.params.dtype)
+        self.head_grad = aligned_zeros(model.head.params.shape, model.head.params.dtype)
+        self.probs = aligned_empty((steps, batch_size, model.vocab_size), dtype)
+        self.d_y = aligned_empty((steps, batch_size, hidden), dtype)
         # Fused path: the tape and scratch of the backend's train_window.
-        self.gates = np.empty((layers, steps, batch_size, 4 * hidden), dtype=dtype)
-        self.cs = np.empty((layers, steps + 1, batch_size, hidden), dtype=dtype)
-        self.hs = np.empty((layers, steps + 1, batch_size, hidden), dtype=dtype)
-        self.d_state = np.empty((layers, 2, batch_size, hidden), dtype=dtype)
-        self.dz = np.empty((steps, batch_size, 4 * hidden), dtype=dtype)
-        self.d_hidden = np.empty((steps, batch_size, hidden), dtype=dtype)
+        self.gates = aligned_empty((layers, steps, batch_size, 4 * hidden), dtype)
+        self.cs = aligned_empty((layers, steps + 1, batch_size, hidden), dtype)
+        self.hs = aligned_empty((layers, steps + 1, batch_size, hidden), dtype)
+        self.d_state = aligned_empty((layers, 2, batch_size, hidden), dtype)
+        self.dz = aligned_empty((steps, batch_size, 4 * hidden), dtype)
+        self.d_hidden = aligned_empty((steps, batch_size, hidden), dtype)
         # Layer-by-layer path: one tape, mask and gradient view per layer.
         self.tapes = [None] * layers
-        self.masks = np.empty((layers, steps, batch_size, hidden), dtype=dtype)
+        self.masks = aligned_empty((layers, steps, batch_size, hidden), dtype)
         self.layer_grads = []
         for layer in range(layers):
             start, end = lstm.layer_slice(layer)
             self.layer_grads.append(Gradients(self.grad[start:end],
-                                              np.empty((1, 2, batch_size, hidden), dtype=dtype), None))
+                                              aligned_empty((1, 2, batch_size, hidden), dtype), None))
 
 
 class CharLMTrainer:
@@ -388,7 +389,7 @@ class CharLMTrainer:
             for layer in range(layers):
                 start, end = self.model.layer_slice(layer)
                 buffers.chunk_grads.append([
-                    Gradients(buffers.grad[start:end], np.empty((1, 2, batch_size, hidden), dtype=self.model.dtype),
+                    Gradients(buffers.grad[start:end], aligned_empty((1, 2, batch_size, hidden), self.model.dtype),
                               None) for _ in range(chunks)])
         outputs = [[None] * chunks for _ in range(layers)]
         d_inputs = [[None] * chunks for _ in range(layers)]

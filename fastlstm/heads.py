@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from fastlstm import _checks
+from fastlstm._layout import aligned_empty, aligned_zeros
 from fastlstm._backends import resolve_backend
 
 KERNEL_INITS = ("glorot_uniform", "uniform")
@@ -55,7 +56,7 @@ class SoftmaxHead:
         self.num_classes = _checks.check_positive_int("num_classes", num_classes)
         self.dtype = _checks.check_dtype_name(dtype)
         self.backend, self._kernels = resolve_backend(backend)
-        self._params = np.zeros(self.hidden_size * self.num_classes + self.num_classes, dtype=self.dtype)
+        self._params = aligned_zeros(self.hidden_size * self.num_classes + self.num_classes, self.dtype)
         self._scratch = threading.local()
         self.reset_parameters(seed, kernel_init=kernel_init)
 
@@ -121,15 +122,15 @@ class SoftmaxHead:
         hidden_rows, label_rows, leading = self._check_inputs(hidden, labels)
         rows = hidden_rows.shape[0]
         if grad is None:
-            grad = np.zeros_like(self._params)
+            grad = aligned_zeros(self._params.shape, self._params.dtype)
         else:
             _checks.check_buffer("grad", grad, self.dtype, self._params.shape)
         if d_hidden is None:
-            d_hidden = np.empty(leading + (self.hidden_size,), dtype=self.dtype)
+            d_hidden = aligned_empty(leading + (self.hidden_size,), self.dtype)
         else:
             _checks.check_buffer("d_hidden", d_hidden, self.dtype, leading + (self.hidden_size,))
         if probs is None:
-            probs = np.empty(leading + (self.num_classes,), dtype=self.dtype)
+            probs = aligned_empty(leading + (self.num_classes,), self.dtype)
         else:
             _checks.check_buffer("probs", probs, self.dtype, leading + (self.num_classes,))
         _checks.check_no_overlap("grad", grad, [("params", self._params), ("d_hidden", d_hidden),
@@ -175,7 +176,7 @@ class SoftmaxHead:
         arrays = self._scratch.__dict__
         array = arrays.get(name)
         if array is None or array.shape != shape:
-            array = np.empty(shape, dtype=self.dtype)
+            array = aligned_empty(shape, self.dtype)
             arrays[name] = array
         array[...] = 0.0
         return array

@@ -12,7 +12,7 @@ import numpy as np
 
 from fastlstm import _checks
 from fastlstm._backends import resolve_backend
-from fastlstm._layout import layer_input_size, layer_offsets, num_params
+from fastlstm._layout import aligned_empty, aligned_zeros, layer_input_size, layer_offsets, num_params
 
 
 class Tape:
@@ -31,12 +31,12 @@ class Tape:
             self.x = None
             self.ids = np.empty((steps, batch_size), dtype=np.int64)
         else:
-            self.x = np.empty((steps, batch_size, input_size), dtype=dtype)
+            self.x = aligned_empty((steps, batch_size, input_size), dtype)
             self.ids = None
         self.input_size = input_size
-        self.gates = np.empty((num_layers, steps, batch_size, gates), dtype=dtype)
-        self.cs = np.empty((num_layers, steps + 1, batch_size, hidden_size), dtype=dtype)
-        self.hs = np.empty((num_layers, steps + 1, batch_size, hidden_size), dtype=dtype)
+        self.gates = aligned_empty((num_layers, steps, batch_size, gates), dtype)
+        self.cs = aligned_empty((num_layers, steps + 1, batch_size, hidden_size), dtype)
+        self.hs = aligned_empty((num_layers, steps + 1, batch_size, hidden_size), dtype)
         self.time_major = True
         self.filled = False
 
@@ -94,8 +94,8 @@ class LSTM:
         self.backend, self._kernels = resolve_backend(backend)
 
         self._offsets = layer_offsets(self.input_size, self.hidden_size, self.num_layers)
-        self._params = np.zeros(num_params(self.input_size, self.hidden_size, self.num_layers),
-                                dtype=self.dtype)
+        self._params = aligned_zeros(num_params(self.input_size, self.hidden_size, self.num_layers),
+                                     self.dtype)
         self._scratch = threading.local()
         self.reset_parameters(seed)
 
@@ -177,7 +177,7 @@ class LSTM:
     def zero_state(self, batch_size):
         """Return a new zeroed packed state buffer [L, 2, B, H] (index 0 = c, 1 = h)."""
         batch_size = _checks.check_positive_int("batch_size", batch_size)
-        return np.zeros((self.num_layers, 2, batch_size, self.hidden_size), dtype=self.dtype)
+        return aligned_zeros((self.num_layers, 2, batch_size, self.hidden_size), self.dtype)
 
     def _check_state(self, state, batch_size):
         shape = (self.num_layers, 2, batch_size, self.hidden_size)
@@ -253,9 +253,9 @@ class LSTM:
             tape.time_major = time_major
             gates, cs, hs = tape.gates, tape.cs, tape.hs
         else:
-            gates = np.empty((1, steps, batch_size, 4 * self.hidden_size), dtype=self.dtype)
-            cs = np.empty((1, steps + 1, batch_size, self.hidden_size), dtype=self.dtype)
-            hs = np.empty((1, steps + 1, batch_size, self.hidden_size), dtype=self.dtype)
+            gates = aligned_empty((1, steps, batch_size, 4 * self.hidden_size), self.dtype)
+            cs = aligned_empty((1, steps + 1, batch_size, self.hidden_size), self.dtype)
+            hs = aligned_empty((1, steps + 1, batch_size, self.hidden_size), self.dtype)
 
         if steps > 0 and is_ids:
             self._kernels.forward(self._params, None, state, gates, cs, hs, self.forget_bias,
@@ -302,9 +302,10 @@ class LSTM:
                 raise ValueError(f"d_final_state must have shape {state_shape}, got {d_final_state.shape}")
 
         if grads is None:
-            grads = Gradients(np.zeros_like(self._params), np.empty(state_shape, dtype=self.dtype),
+            grads = Gradients(aligned_zeros(self._params.shape, self._params.dtype),
+                              aligned_empty(state_shape, self.dtype),
                               None if tape.ids is not None
-                              else np.empty((steps, batch_size, self.input_size), dtype=self.dtype))
+                              else aligned_empty((steps, batch_size, self.input_size), self.dtype))
             d_x = grads.inputs
         else:
             if not isinstance(grads, Gradients):
@@ -339,7 +340,7 @@ class LSTM:
 
         inputs_shape = d_x.shape if tape.time_major else (batch_size, steps, self.input_size)
         if grads.inputs is None or grads.inputs.shape != inputs_shape:
-            grads.inputs = np.empty(inputs_shape, dtype=self.dtype)
+            grads.inputs = aligned_empty(inputs_shape, self.dtype)
         if grads.inputs is not d_x:
             grads.inputs[...] = d_x if tape.time_major else d_x.transpose(1, 0, 2)
         return grads
@@ -349,7 +350,7 @@ class LSTM:
         arrays = self._scratch.__dict__
         array = arrays.get(name)
         if array is None or array.shape != shape:
-            array = np.empty(shape, dtype=self.dtype)
+            array = aligned_empty(shape, self.dtype)
             arrays[name] = array
         return array
 
@@ -381,7 +382,7 @@ class LSTM:
         self._check_state(state, batch_size)
         _checks.check_no_overlap("state", state, [("x_t", x_t if ids is None else ids)])
         if out is None:
-            out = np.empty((batch_size, self.hidden_size), dtype=self.dtype)
+            out = aligned_empty((batch_size, self.hidden_size), self.dtype)
         else:
             _checks.check_buffer("out", out, self.dtype, (batch_size, self.hidden_size))
             _checks.check_no_overlap("out", out, [("state", state), ("x_t", x_t)])

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from fastlstm import _checks
+from fastlstm._layout import aligned_empty
 
 SGD_CODE = 0
 ADAGRAD_CODE = 1
@@ -119,10 +120,10 @@ class Optimizer:
         self.slots = []
         self._scratch = []
         for vector in params:
-            slots = np.empty((self.num_slots, vector.size), dtype=vector.dtype)
+            slots = aligned_empty((self.num_slots, vector.size), vector.dtype)
             self._init_slots(slots)
             self.slots.append(slots)
-            self._scratch.append(np.empty((2, vector.size), dtype=vector.dtype))
+            self._scratch.append(aligned_empty((2, vector.size), vector.dtype))
         return self.slots
 
     def reset(self):

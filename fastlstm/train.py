@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from fastlstm import _checks
+from fastlstm._layout import aligned_empty, aligned_zeros
 from fastlstm.heads import SoftmaxHead
 from fastlstm.model import LSTM, Gradients
 from fastlstm.optim import SGD, Adagrad, Adam, Optimizer
@@ -60,24 +61,24 @@ class _Buffers:
         layers, hidden, inputs = model.num_layers, model.hidden_size, model.input_size
         gates = 4 * hidden
         self.key = (steps, batch_size)
-        self.x = np.empty((steps, batch_size, inputs), dtype=dtype)
-        self.labels = np.empty((steps, batch_size), dtype=np.int64)
-        self.probs = np.empty((steps, batch_size, head.num_classes), dtype=dtype)
-        self.grad = np.zeros_like(model.params)
-        self.head_grad = np.zeros_like(head.params)
+        self.x = aligned_empty((steps, batch_size, inputs), dtype)
+        self.labels = aligned_empty((steps, batch_size), np.int64)
+        self.probs = aligned_empty((steps, batch_size, head.num_classes), dtype)
+        self.grad = aligned_zeros(model.params.shape, model.params.dtype)
+        self.head_grad = aligned_zeros(head.params.shape, head.params.dtype)
         # Fused path: the tape and the backward scratch, as the backend contract lists them.
-        self.gates = np.empty((layers, steps, batch_size, gates), dtype=dtype)
-        self.cs = np.empty((layers, steps + 1, batch_size, hidden), dtype=dtype)
-        self.hs = np.empty((layers, steps + 1, batch_size, hidden), dtype=dtype)
-        self.d_y = np.empty((steps, batch_size, hidden), dtype=dtype)
-        self.d_state = np.empty((layers, 2, batch_size, hidden), dtype=dtype)
-        self.d_x = np.empty((steps, batch_size, inputs), dtype=dtype)
-        self.dz = np.empty((steps, batch_size, gates), dtype=dtype)
-        self.d_hidden = np.empty((steps, batch_size, hidden), dtype=dtype)
+        self.gates = aligned_empty((layers, steps, batch_size, gates), dtype)
+        self.cs = aligned_empty((layers, steps + 1, batch_size, hidden), dtype)
+        self.hs = aligned_empty((layers, steps + 1, batch_size, hidden), dtype)
+        self.d_y = aligned_empty((steps, batch_size, hidden), dtype)
+        self.d_state = aligned_empty((layers, 2, batch_size, hidden), dtype)
+        self.d_x = aligned_empty((steps, batch_size, inputs), dtype)
+        self.dz = aligned_empty((steps, batch_size, gates), dtype)
+        self.d_hidden = aligned_empty((steps, batch_size, hidden), dtype)
         # Composed path: the model's Tape and Gradients, reused between windows.
         self.tape = None
-        self.grads = Gradients(self.grad, np.empty((layers, 2, batch_size, hidden), dtype=dtype),
-                               np.empty((steps, batch_size, inputs), dtype=dtype))
+        self.grads = Gradients(self.grad, aligned_empty((layers, 2, batch_size, hidden), dtype),
+                               aligned_empty((steps, batch_size, inputs), dtype))
 
 
 class _DeferredInterrupt:
