@@ -46,6 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both sides (default: leave each library's default)")
     parser.add_argument("--backend", default="auto", help="fastlstm backend (default auto)")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="call torch.set_flush_denormal(True) first: PyTorch's float operations on "
+                             "denormal numbers then stop slowing it down (it sets the calling thread's "
+                             "flags, which fastlstm's calling thread shares)")
     parser.add_argument("--pipeline-chunks", type=int, default=0,
                         help="fastlstm: run the layers as a wavefront over this many chunks per window on "
                              "one thread per layer, with one BLAS thread each (default 0: off, one fused "
@@ -164,6 +168,8 @@ def run(args):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("--flush-denormal: this CPU cannot flush denormal numbers")
 
     data = text.TextData.load("pydoc")
     train_rows = text.batchify(data.train, args.batch)
@@ -212,7 +218,7 @@ def run(args):
         "command": "python bench/charlm_vs_torch.py " + " ".join(sys.argv[1:]),
         "settings": {name: getattr(args, name) for name in ("windows", "eval_every", "layers", "hidden",
                                                             "window", "batch", "lr", "clip", "seed", "threads",
-                                                            "pipeline_chunks")},
+                                                            "pipeline_chunks", "flush_denormal")},
         "corpus": {"characters": len(data.ids), "vocab": len(data.vocab), "train": len(data.train),
                    "valid": len(data.valid), "windows_per_epoch": windows_per_epoch},
         "versions": {"fastlstm": fastlstm.__version__, "backend": model.backend, "torch": torch.__version__,
@@ -269,7 +275,9 @@ def markdown(result):
         f"({result['machine']['torch_threads']} threads), numpy {result['versions']['numpy']}, Python "
         f"{result['versions']['python']}. fastlstm ran "
         + (f"its layers as a wavefront over {s['pipeline_chunks']} chunks per window, one thread per layer "
-           f"with one BLAS thread each." if s["pipeline_chunks"] else "one fused call per window."),
+           f"with one BLAS thread each." if s["pipeline_chunks"] else "one fused call per window.")
+        + (" The calling thread flushed denormal numbers to zero (`torch.set_flush_denormal(True)`)."
+           if s.get("flush_denormal") else ""),
         "",
         "| windows | fastlstm valid bpc | PyTorch valid bpc | difference |",
         "| ---: | ---: | ---: | ---: |",
