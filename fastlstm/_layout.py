@@ -9,6 +9,8 @@ l > 0. Gradients use the same layout.
 Gate column blocks follow TensorFlow's BasicLSTMCell: i (input), j (candidate), f (forget), o (output).
 """
 
+import math
+
 import numpy as np
 
 GATE_I = 0
@@ -43,23 +45,32 @@ def num_params(input_size, hidden_size, num_layers):
 
 CACHE_LINE = 64
 
+# Arrays smaller than this come from np.empty unchanged: aligning costs about 2 us per array, which
+# a small model's call (the echo task's takes 30 us) would feel, and the kernels split only large
+# arrays between threads.
+ALIGN_MIN_BYTES = 16384
+
 
 def aligned_empty(shape, dtype):
     """Return an uninitialised array of ``shape`` whose data starts on a 64-byte cache line.
 
     numpy aligns large arrays to 16 or 32 bytes only. The C kernels split rows between threads at
     column blocks and read them in 64-byte vectors, so an array that starts mid-line makes every
-    vector access straddle two lines and lets two threads write one line at each split.
+    vector access straddle two lines and lets two threads write one line at each split. Arrays of
+    fewer than ``ALIGN_MIN_BYTES`` bytes are plain ``np.empty`` arrays.
     """
     dtype = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = np.empty(count * dtype.itemsize + CACHE_LINE, dtype=np.uint8)
-    start = -raw.ctypes.data % CACHE_LINE
-    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < ALIGN_MIN_BYTES:
+        return np.empty(shape, dtype)
+    raw = np.empty(nbytes + CACHE_LINE, dtype=np.uint8)
+    start = -raw.__array_interface__["data"][0] % CACHE_LINE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def aligned_zeros(shape, dtype):
-    """Return a zeroed array of ``shape`` whose data starts on a 64-byte cache line."""
+    """Return a zeroed array like ``aligned_empty``'s."""
     array = aligned_empty(shape, dtype)
     array[...] = 0
     return array
