@@ -29,8 +29,8 @@
 
 #if FL_ROW_KERNEL
 /* Transposes in registers the 16 x 16 floats or 8 x 8 doubles of rows[], for the row kernel's
- * panels of A: after the call rows[q] holds what was column q. Three rounds of shuffles for doubles,
- * four for floats, each pairing the registers half a block apart at twice the width of the last. */
+ * panels of A: after the call, rows[q] contains what was column q. Doubles take three rounds of
+ * shuffles and floats four, each round pairing registers at twice the width of the last. */
 static inline __attribute__((always_inline)) FL_AVX512 void fl_transpose_f32(__m512 rows[16])
 {
     __m512 t[16];

@@ -164,7 +164,7 @@ static inline __attribute__((always_inline)) FL_AVX512 void FN(row_tile)(
 /* panel[p * height + r] = A[r, p] for the height rows and depth steps of one tile, where A[r, p] is
  * a[r * a_row + p * a_step]. Row-major A (a_step 1) is transposed in registers, a block of LANES
  * rows by LANES steps at a time; A^T (a_row 1) already has each step's rows side by side. Both are
- * plain copies, so the panel holds the same values as a scalar loop would write. */
+ * plain copies, so the panel contains the same values as a scalar loop would write. */
 static inline __attribute__((always_inline)) FL_AVX512 void FN(copy_panel)(
     int64_t height, int64_t depth, const REAL *restrict a, int64_t a_row, int64_t a_step,
     REAL *restrict panel)
@@ -242,8 +242,8 @@ static FL_AVX512 void FN(gemv_row)(const FN(row_product) *job, int64_t col_begin
  *
  * Loops, outside in:
  *   chunks of FL_CHUNK_ROWS rows;
- *   slices of the sum, K cut into equal slices of at most FL_DEPTH steps, whose piece of A is
- *   copied into tile panels once and then serves every column block;
+ *   slices of the sum: K is cut into equal slices of at most FL_DEPTH steps. A slice's piece of A
+ *   is copied into tile panels once and then serves every column block;
  *   column blocks, whose slice of W (up to FL_DEPTH rows of 128 bytes) stays in L1 while the
  *   tiles pass;
  *   tiles.
@@ -330,7 +330,8 @@ static FL_AVX512 void FN(gemm_rows)(const FN(row_product) *job, int64_t row_begi
     }
 }
 
-/* The pool's tasks: a share of the column blocks, or of the rows, each with the whole other side. */
+/* The pool's tasks: a share of the column blocks with all rows, or a share of the rows with all
+ * column blocks. */
 static FL_AVX512 void FN(gemm_rows_by_blocks)(void *context, int64_t block_begin, int64_t block_end)
 {
     const FN(row_product) *job = (const FN(row_product) *)context;

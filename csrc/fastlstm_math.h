@@ -113,14 +113,15 @@ static inline __attribute__((always_inline)) float fl_sigmoid_f32(float x)
     memcpy(&a_bits, &a, sizeof a_bits);
     const uint32_t negative = 0u - (uint32_t)(x_bits > 0x7FFFFFFFu);   /* sign bit set */
     const uint32_t not_nan = 0u - (uint32_t)(a_bits <= infinity_bits);
-    const uint32_t zero = negative & not_nan & (0u - (uint32_t)(a_bits > low_bits));
-    const uint32_t one = ~negative & not_nan & (0u - (uint32_t)(a_bits > high_bits));
+    /* Masks of the inputs whose result is exactly 0 (a closed gate) and exactly 1 (an open one). */
+    const uint32_t closed_gate = negative & not_nan & (0u - (uint32_t)(a_bits > low_bits));
+    const uint32_t open_gate = ~negative & not_nan & (0u - (uint32_t)(a_bits > high_bits));
 
     /* exp gets an argument in its range everywhere, so that it raises no flag for a value that
      * the blend discards. */
-    const float y = fl_select_f32(zero, 0.0f, fl_select_f32(one, -87.0f, -x));
+    const float y = fl_select_f32(closed_gate, 0.0f, fl_select_f32(open_gate, -87.0f, -x));
     const float sigmoid = 1.0f / (1.0f + fl_exp_small_f32(y));
-    return fl_select_f32(zero, 0.0f, sigmoid);
+    return fl_select_f32(closed_gate, 0.0f, sigmoid);
 }
 
 /* exp(x) for x <= 0, the softmax's exp(logit - max logit), vectorizable like fl_tanh_f32. Below

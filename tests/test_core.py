@@ -335,8 +335,10 @@ def test_aligned_arrays_start_on_a_cache_line(shape, dtype):
     from fastlstm._layout import ALIGN_MIN_BYTES, aligned_empty, aligned_zeros
 
     for array in (aligned_empty(shape, dtype), aligned_zeros(shape, dtype)):
-        assert array.shape == np.empty(shape).shape and array.dtype == dtype
-        assert array.flags.c_contiguous and array.flags.writeable
+        assert array.shape == np.empty(shape).shape
+        assert array.dtype == dtype
+        assert array.flags.c_contiguous
+        assert array.flags.writeable
         if array.nbytes >= ALIGN_MIN_BYTES:
             assert array.ctypes.data % 64 == 0
     assert not aligned_zeros(shape, dtype).any()
