@@ -20,7 +20,8 @@ transposed kernel blocks with the columns reordered, b_ih is fastlstm's bias reo
 forget_bias added to the f block, and b_hh is zero.
 
 Run ``python bench/charlm_vs_torch.py --windows 600 --markdown bench/charlm_result.md`` (needs
-torch); ``--threads`` sets the threads of both sides (BLAS for fastlstm, intra-op for PyTorch).
+torch); ``--threads`` sets the threads of both sides (fastlstm's pool, through OMP_NUM_THREADS, and
+PyTorch's intra-op threads).
 """
 
 import argparse
@@ -48,8 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--backend", default="auto", help="fastlstm backend (default auto)")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="call torch.set_flush_denormal(True) first: PyTorch's float operations on "
-                             "denormal numbers then stop slowing it down (it sets the calling thread's "
-                             "flags, which fastlstm's calling thread shares)")
+                             "denormal numbers then stop slowing it down. It sets the calling thread's "
+                             "flags, which fastlstm's threads follow, so fastlstm flushes them too")
     parser.add_argument("--pipeline-chunks", type=int, default=0,
                         help="fastlstm: run the layers as a wavefront over this many chunks per window on "
                              "one thread per layer, with one BLAS thread each (default 0: off, one fused "
@@ -276,7 +277,8 @@ def markdown(result):
         f"{result['versions']['python']}. fastlstm ran "
         + (f"its layers as a wavefront over {s['pipeline_chunks']} chunks per window, one thread per layer "
            f"with one BLAS thread each." if s["pipeline_chunks"] else "one fused call per window.")
-        + (" The calling thread flushed denormal numbers to zero (`torch.set_flush_denormal(True)`)."
+        + (" Both sides flushed denormal numbers to zero (`torch.set_flush_denormal(True)` on the "
+           "calling thread, whose flags fastlstm's threads follow)."
            if s.get("flush_denormal") else ""),
         "",
         "| windows | fastlstm valid bpc | PyTorch valid bpc | difference |",

@@ -98,6 +98,11 @@ int fl_optimizer_slots(int kind);
 /* out[k] = tanh(x[k]) with the float32 tanh of the cell kernels (fastlstm_math.h), for tests. */
 void fl_tanh_array_f32(int64_t n, const float *x, float *out);
 
+/* Sets (enable 1) or clears (0) the calling thread's flags that flush subnormal results to zero
+ * and read subnormal inputs as zero, as other libraries may, for tests. Returns whether both were
+ * set before, or -1 where the CPU has no such flags. */
+int fl_set_flush_subnormals(int enable);
+
 /* out[k] = sigmoid(x[k]) with the float32 sigmoid of the cell kernels (fastlstm_math.h), for tests. */
 void fl_sigmoid_array_f32(int64_t n, const float *x, float *out);
 

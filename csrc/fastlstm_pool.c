@@ -22,8 +22,16 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define FL_PAUSE() _mm_pause()
+/* The SSE control and status register: rounding mode, and whether subnormal results are flushed to
+ * zero and subnormal inputs read as zero (FTZ and DAZ, which some libraries switch on). */
+#define FL_FP_CONTROL() _mm_getcsr()
+#define FL_SET_FP_CONTROL(value) _mm_setcsr(value)
+#define FL_FP_CONTROL_BITS 0xFFC0u   /* DAZ, exception masks, rounding, FTZ; not the status flags */
 #else
 #define FL_PAUSE() ((void)0)
+#define FL_FP_CONTROL() 0u
+#define FL_SET_FP_CONTROL(value) ((void)(value))
+#define FL_FP_CONTROL_BITS 0u
 #endif
 
 /* Chunks per thread: more of them balance better when a thread loses its core, but each chunk of a
@@ -54,6 +62,7 @@ static struct {
     atomic_int open;                 /* 1 while the current job hands out chunks */
     atomic_int active;               /* workers inside the current job */
     atomic_flag taken[FL_MAX_THREADS * FL_CHUNKS_PER_THREAD];   /* chunks claimed in this job */
+    unsigned int fp_control;         /* the caller's floating-point control flags for this job */
     atomic_int helpers;              /* workers the current job may use: 1 .. helpers */
     int64_t chunks, items;
     fl_task task;
@@ -125,6 +134,13 @@ static void *worker_main(void *arg)
          * loads are sequentially consistent, so one of the two must happen. */
         atomic_fetch_add(&pool.active, 1);
         if (atomic_load(&pool.open)) {
+            /* A worker inherits its creator's flags at creation only. Taking the caller's flags for
+             * every job keeps the results independent of the thread count when the caller changes
+             * them later (flushing subnormals to zero, say). */
+            const unsigned int own = FL_FP_CONTROL();
+            if ((own & FL_FP_CONTROL_BITS) != pool.fp_control) {
+                FL_SET_FP_CONTROL((own & ~FL_FP_CONTROL_BITS) | pool.fp_control);
+            }
             run_chunks(part);
         }
         atomic_fetch_sub(&pool.active, 1);
@@ -214,6 +230,7 @@ void fl_parallel_for(int64_t items, int64_t min_items_per_thread, fl_task task, 
     pool.items = items;
     pool.task = task;
     pool.context = context;
+    pool.fp_control = FL_FP_CONTROL() & FL_FP_CONTROL_BITS;
     atomic_store_explicit(&pool.helpers, threads - 1, memory_order_relaxed);
     for (int64_t chunk = 0; chunk < chunks; chunk++) {
         atomic_flag_clear_explicit(&pool.taken[chunk], memory_order_relaxed);

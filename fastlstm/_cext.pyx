@@ -54,6 +54,7 @@ cdef extern from "fastlstm.h" nogil:
     int64_t fl_num_params(const fl_dims *dims)
     void fl_tanh_array_f32(int64_t n, const float *x, float *out)
     void fl_sigmoid_array_f32(int64_t n, const float *x, float *out)
+    int fl_set_flush_subnormals(int enable)
     void fl_exp_negative_array_f32(int64_t n, const float *x, float *out)
 
     int fl_forward_f32(const fl_dims *dims, const float *params, const float *x, const int64_t *ids,
@@ -308,6 +309,12 @@ cdef cnp.ndarray _apply_f32(object x, _ArrayFunctionF32 function):
 def tanh_f32(x):
     """Return tanh of a float32 array with the kernels' own tanh (for accuracy tests)."""
     return _apply_f32(x, fl_tanh_array_f32)
+
+
+def _set_flush_subnormals(bint enable):
+    """Set or clear the calling thread's flush-to-zero flags (for tests); return the previous state,
+    or -1 where the CPU has none."""
+    return fl_set_flush_subnormals(enable)
 
 
 def sigmoid_f32(x):

@@ -54,10 +54,11 @@ ALIGN_MIN_BYTES = 16384
 def aligned_empty(shape, dtype):
     """Return an uninitialised array of ``shape`` whose data starts on a 64-byte cache line.
 
-    numpy aligns large arrays to 16 or 32 bytes only. The C kernels split rows between threads at
-    column blocks and read them in 64-byte vectors, so an array that starts mid-line makes every
-    vector access straddle two lines and lets two threads write one line at each split. Arrays of
-    fewer than ``ALIGN_MIN_BYTES`` bytes are plain ``np.empty`` arrays.
+    numpy aligns large arrays to 16 or 32 bytes only. The C kernels read and write rows in 64-byte
+    vectors and split products between threads by rows or by column blocks. In an array that starts
+    mid-line, with rows a multiple of 64 bytes long, every vector access straddles two lines and two
+    threads write one line at each split. Arrays of fewer than ``ALIGN_MIN_BYTES`` bytes are plain
+    ``np.empty`` arrays.
     """
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)

@@ -102,6 +102,35 @@ def test_threaded_results_match_reference(threads, dtype, count, batch, steps):
     assert_matches_reference(model, *random_inputs(model, batch, steps))
 
 
+def test_flush_flags_set_after_the_pool_starts(threads):
+    # Other libraries may set the calling thread's flush-to-zero flags once fastlstm's workers run
+    # (torch.set_flush_denormal, for one). The workers take the caller's flags for every job, so the
+    # results still do not depend on the thread count. Inputs near 1e-37 make subnormal values.
+    from fastlstm import _cext
+
+    model = make_model("c", 200, 128, 1, np.float32)
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(4, 6, 200)) * 1e-37).astype(np.float32)
+    d_y = (rng.normal(size=(4, 6, 128)) * 1e-30).astype(np.float32)
+
+    def gradients(count):
+        threads(count)
+        _, tape = model.forward(x, model.zero_state(4), keep_tape=True)
+        return model.backward(tape, d_y).params.copy()
+
+    plain = gradients(2)   # starts the workers without the flags
+    before = _cext._set_flush_subnormals(True)
+    if before < 0:
+        pytest.skip("this CPU has no flush-to-zero flags")
+    try:
+        flushed = {count: gradients(count) for count in (1, 2, 3)}
+    finally:
+        _cext._set_flush_subnormals(bool(before))
+    assert not np.array_equal(flushed[1], plain)   # the flags changed some values
+    np.testing.assert_array_equal(flushed[2], flushed[1])
+    np.testing.assert_array_equal(flushed[3], flushed[1])
+
+
 @pytest.mark.parametrize("bad, error, message", [
     (0, ValueError, r"threads must be in \[1, 64\], got 0"),
     (65, ValueError, r"threads must be in \[1, 64\], got 65"),
