@@ -6,7 +6,7 @@ The model and data are those of the comparison: 2 layers of 256 units over the c
 built-in corpus, and windows of 64 characters in 32 streams. It trains with Adam at 0.002 and
 clipping at 5, one fused native call per window. Prints the median time of a window in each block of 50 and over all of
 them. Only fastlstm runs, so two builds or two settings compare in one sitting without PyTorch's
-threads in the way; the machine's speed drifts over hours, so compare runs made minutes apart.
+threads in the way. The machine's speed can drift over hours, so compare runs made minutes apart.
 """
 
 import argparse

@@ -241,12 +241,12 @@ static FL_AVX512 void FN(gemv_row)(const FN(row_product) *job, int64_t col_begin
  * of one thread.
  *
  * Loops, outside in:
- *   chunks of FL_CHUNK_ROWS rows;
- *   slices of the sum: K is cut into equal slices of at most FL_DEPTH steps. A slice's piece of A
- *   is copied into tile panels once and then serves every column block;
- *   column blocks, whose slice of W (up to FL_DEPTH rows of 128 bytes) stays in L1 while the
- *   tiles pass;
- *   tiles.
+ *   1. chunks of FL_CHUNK_ROWS rows.
+ *   2. slices of the sum: K is cut into equal slices of at most FL_DEPTH steps. A slice's piece of
+ *      A is copied into tile panels once, and then it serves every column block.
+ *   3. column blocks: a block's slice of W (up to FL_DEPTH rows of 128 bytes) stays in L1 while
+ *      the tiles pass.
+ *   4. tiles.
  * Splitting the sum into slices keeps each element's chain of multiply-adds in order, because a
  * slice starts from the C that the previous one stored. */
 static FL_AVX512 void FN(gemm_rows)(const FN(row_product) *job, int64_t row_begin, int64_t row_end,
