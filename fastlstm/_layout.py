@@ -45,9 +45,9 @@ def num_params(input_size, hidden_size, num_layers):
 
 CACHE_LINE = 64
 
-# Arrays smaller than this come from np.empty unchanged: aligning costs about 2 us per array, which
-# a small model's call (the echo task's takes 30 us) would feel, and the kernels split only large
-# arrays between threads.
+# Arrays smaller than this come from np.empty unchanged. Aligning costs about 2 us per array, which
+# a small model's call would feel (an echo-task call takes 20 to 45 us), and the kernels split only
+# large arrays between threads.
 ALIGN_MIN_BYTES = 16384
 
 
